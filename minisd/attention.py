@@ -31,7 +31,7 @@ from torch import nn
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, heads·d) → (B, heads, N, d)."""
     B, N, C = x.shape
-    return x.view(B, N, heads, C // heads).transpose(1, 2)
+    return x.reshape(B, N, heads, C // heads).transpose(1, 2)
 
 
 def attention_probs(q, k, mask=None, causal=False) -> torch.Tensor:
@@ -69,10 +69,12 @@ def multi_head_attention(q, k, v, heads: int, mask=None, causal: bool = False,
     Returns:
         (B, N, heads·d) in the dtype of q.
     Raises:
-        ValueError if the channel count is not divisible by `heads`.
+        ValueError if the channel count of q, k or v is not divisible by `heads`.
     """
-    if q.shape[-1] % heads:
-        raise ValueError(f"{q.shape[-1]} channels cannot be split into {heads} heads")
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] % heads:
+            raise ValueError(f"{label} has {t.shape[-1]} channels, which cannot be split "
+                             f"into {heads} heads")
     dtype = q.dtype
     q, k, v = (_split_heads(t, heads) for t in (q, k, v))
     if recorder is not None:
@@ -83,6 +85,12 @@ def multi_head_attention(q, k, v, heads: int, mask=None, causal: bool = False,
         if upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
             mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
+        if causal and mask is not None:  # fused GPU kernels refuse a mask together with is_causal
+            allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
+                                 device=q.device).tril()
+            mask = mask & allowed if mask.dtype == torch.bool else \
+                mask + torch.zeros_like(allowed, dtype=mask.dtype).masked_fill(~allowed, -torch.inf)
+            causal = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         out = out.to(dtype)
     B, h, N, d = out.shape
