@@ -1,0 +1,261 @@
+"""CLIP's tokenizer: a prompt becomes 77 integer ids by byte-level byte-pair encoding.
+
+CLIP (Radford et al. 2021, §2.4) reads lower-cased byte-level BPE (Sennrich et al. 2016) with
+a 49,152-token vocabulary, sequences of at most 77 tokens, bracketed by [SOS] and [EOS]. In
+Stable Diffusion v1 the text encoder is CLIP ViT-L/14's text tower, so this is how every
+prompt enters the model. The steps, in order:
+
+1. clean: ftfy.fix_text (mojibake, curly quotes, full-width letters, NFC), HTML unescaped
+   twice (``&amp;amp;`` → ``&``), whitespace runs collapsed to one space, lower case;
+2. pre-tokenise with CLIP's pattern (`PATTERN`): the special tokens, the contractions
+   's 't 're 've 'm 'll 'd, runs of letters, single digits, runs of other symbols; spaces
+   separate pre-tokens and are dropped;
+3. map each pre-token's UTF-8 bytes to printable characters (`bytes_to_unicode`), so any
+   text has a spelling in the vocabulary's 256 base symbols;
+4. BPE: split the pre-token into symbols, the last one marked with ``</w>`` (end of word),
+   then repeatedly merge the adjacent pair with the lowest rank in the merge list;
+5. look the pieces up in the vocabulary, add BOS (``<|startoftext|>``, 49406) and EOS
+   (``<|endoftext|>``, 49407), truncate or pad to 77.
+
+The vocabulary: OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (shipped in ``data/``) lists the
+merges; the ids are the 256 byte symbols, the same 256 with ``</w>``, one per merge
+(48,894), then the two special tokens: 49,408 ids. A diffusers ``tokenizer/`` folder holds
+the same vocabulary as ``vocab.json`` (token → id) and ``merges.txt``.
+Matches OpenAI's ``clip/simple_tokenizer.py`` and transformers' ``CLIPTokenizer``.
+"""
+
+import gzip
+import html
+import itertools
+import json
+import re
+import warnings
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+OPENAI_BPE = DATA_DIR / "bpe_simple_vocab_16e6.txt.gz"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# CLIP's pre-tokenisation pattern (OpenAI clip/simple_tokenizer.py), applied to lower-cased
+# text; \p{L} is any Unicode letter, \p{N} any Unicode digit (hence the `regex` package).
+PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte → character table of byte-level BPE (GPT-2, Radford et al. 2019; CLIP).
+
+    The 188 printable bytes ('!'…'~', '¡'…'¬', '®'…'ÿ') stand for themselves; the other 68
+    (space, control characters, …) map to the characters 256, 257, … in byte order, so every
+    byte has a visible, non-space stand-in. Returns {byte 0–255: one-character str}.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text cleaning: ftfy fix, HTML unescape (twice), whitespace collapse, lower case.
+
+    "HELLO   world" → "hello world"; "caf&eacute;" → "café"; "don’t" → "don't".
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _token_string(token) -> str:
+    """A special token as saved by transformers: a plain string or {"content": …}."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer (see the module docstring for the steps).
+
+    Args:
+        vocab: {token: id}; must contain the 256 byte symbols, the same with ``</w>``, every
+            merge result, and the special tokens.
+        merges: merge pairs ("a b") in rank order (rank 0 merges first).
+        bos_token, eos_token: the start and end markers; pad_token: what fills a prompt up
+            to the length (EOS in SD v1, "!" = id 0 in OpenCLIP / SD 2.x; case C13).
+        model_max_length: default sequence length (77 for CLIP).
+    Raises:
+        ValueError if the vocabulary lacks a byte symbol, a merge result or a special token.
+
+    Use `CLIPTokenizer.openai()` for OpenAI's vocabulary, `from_pretrained(folder)` for a
+    diffusers ``tokenizer/`` folder; `tokenizer(prompts)` gives the ids (B, 77).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[str], bos_token: str = BOS,
+                 eos_token: str = EOS, pad_token: str = EOS, model_max_length: int = 77):
+        self.encoder = dict(vocab)
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.merges = [tuple(m.split()) for m in merges]
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.model_max_length = model_max_length
+        needed = [*self.byte_encoder.values(), *(c + "</w>" for c in self.byte_encoder.values()),
+                  *("".join(pair) for pair in self.merges), bos_token, eos_token, pad_token]
+        missing = [t for t in needed if t not in self.encoder]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} token(s) that the byte table "
+                             f"or the merges need, e.g. {missing[:5]}: vocab and merges do not "
+                             "belong together")
+        self.bos_token_id, self.eos_token_id = self.encoder[bos_token], self.encoder[eos_token]
+        self.pad_token_id = self.encoder[pad_token]
+        # pre-token → BPE pieces; special tokens are their own piece.
+        self.cache = {bos_token: [bos_token], eos_token: [eos_token]}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    # ---- loading and saving ----
+
+    @classmethod
+    def openai(cls, path: str | Path = OPENAI_BPE, **kwargs) -> "CLIPTokenizer":
+        """OpenAI's vocabulary from ``bpe_simple_vocab_16e6.txt.gz`` (shipped in ``data/``).
+
+        The file holds a header line and 262,144 merges, of which CLIP uses the first
+        49,152 − 256 − 2 = 48,894. Keyword arguments go to the constructor (e.g.
+        ``pad_token="!"`` for OpenCLIP-style padding with 0).
+        """
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        symbols = list(bytes_to_unicode().values())
+        tokens = [*symbols, *(s + "</w>" for s in symbols),
+                  *("".join(m.split()) for m in merges), BOS, EOS]
+        return cls({t: i for i, t in enumerate(tokens)}, merges, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
+        """Load a diffusers/transformers ``tokenizer/`` folder.
+
+        Reads ``vocab.json``, ``merges.txt`` (a ``#version`` header line is skipped) and the
+        special tokens and ``model_max_length`` from ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` (the latter wins where both name a token).
+        Raises FileNotFoundError naming the missing file.
+        """
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: not a CLIP tokenizer folder "
+                                        "(expected vocab.json and merges.txt)")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [m for m in lines if m and not m.startswith("#version")]
+        settings = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / name).is_file():
+                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        kwargs = {key: _token_string(settings[key]) for key in ("bos_token", "eos_token",
+                                                                "pad_token") if settings.get(key)}
+        if "model_max_length" in settings:
+            kwargs["model_max_length"] = int(settings["model_max_length"])
+        return cls(vocab, merges, **kwargs)
+
+    def save_pretrained(self, folder: str | Path):
+        """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` (the layout of SD v1's ``tokenizer/`` folder)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False),
+                                           encoding="utf-8")
+        (folder / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                   "unk_token": self.eos_token, "pad_token": self.pad_token}
+        config = {**special, "model_max_length": self.model_max_length,
+                  "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+    # ---- text → pieces → ids ----
+
+    def bpe(self, token: str) -> list[str]:
+        """Byte-pair encode one byte-mapped pre-token: its symbols (the last with ``</w>``),
+        merged pair by pair, lowest rank first, until no adjacent pair is in the merge list.
+        "hello" → ["hello</w>"]; results are cached."""
+        if token in self.cache:
+            return self.cache[token]
+        word = [*token[:-1], token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = set(itertools.pairwise(word))
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):  # merge every occurrence of `best`, left to right
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self.cache[token] = word
+        return word
+
+    def tokenize(self, text: str) -> list[str]:
+        """Clean, pre-tokenise, byte-map and BPE `text`: its pieces, without BOS/EOS.
+        "a photo of a cat" → ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]."""
+        pieces = []
+        for token in PATTERN.findall(clean_text(text)):
+            pieces += self.bpe("".join(self.byte_encoder[b] for b in token.encode("utf-8")))
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text`'s pieces, without BOS/EOS and without length limit."""
+        return [self.encoder[piece] for piece in self.tokenize(text)]
+
+    def __call__(self, prompts: str | list[str], max_length: int | None = None) -> torch.Tensor:
+        """Token ids for a prompt or a batch of prompts.
+
+        Args:
+            prompts: a string or a list of B strings.
+            max_length: sequence length L (default `model_max_length`, 77 for CLIP), ≥ 2.
+        Returns:
+            int64 tensor (B, L): BOS, the prompt's ids, EOS, then the pad id up to L.
+            A prompt longer than L − 2 tokens keeps its first L − 2, EOS stays last, and a
+            warning names the dropped text (case C14).
+        Raises:
+            TypeError if a prompt is not a string; ValueError if max_length < 2.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        length = self.model_max_length if max_length is None else max_length
+        if length < 2:
+            raise ValueError(f"max_length={length} leaves no room for BOS and EOS; use >= 2")
+        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.int64)
+        for row, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {row} is a {type(prompt).__name__}, not a string")
+            tokens = self.encode(prompt)
+            if len(tokens) > length - 2:
+                warnings.warn(f"prompt {row} has {len(tokens)} tokens, more than the "
+                              f"{length - 2} that fit in {length}; dropped: "
+                              f"{self.decode(tokens[length - 2:])!r}", stacklevel=2)
+                tokens = tokens[:length - 2]
+            tokens = [self.bos_token_id, *tokens, self.eos_token_id]
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Ids (a list or a 1-D tensor) back to text: pieces joined, bytes decoded as UTF-8
+        (invalid sequences → U+FFFD), each ``</w>`` read as a space. The text is the cleaned,
+        lower-cased prompt. BOS, EOS and the pad token are left out unless
+        `skip_special_tokens` is False. Raises KeyError for an id outside the vocabulary."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        special = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
+        pieces = [self.decoder[i] for i in ids if not (skip_special_tokens and i in special)]
+        words = "".join(pieces).split("</w>")
+        return " ".join(bytes(self.byte_decoder[c] for c in word).decode("utf-8", "replace")
+                        for word in words).strip()
