@@ -10,6 +10,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from .data import Prompt
+from .evaluate import score
+from .schedulers import sigmas_from_alphas_cumprod
+
 
 def to_image(x: torch.Tensor) -> np.ndarray:
     """A picture tensor (3, H, W) or (1, H, W) in [−1, 1] → a numpy array (H, W, 3) in [0, 1].
@@ -108,3 +112,140 @@ def interactive(draw, **controls):
 
     ipywidgets.interact(redraw, **controls)
     return None
+
+
+def grid_sigmas(scheduler) -> torch.Tensor:
+    """The noise level σ = √((1 − ᾱ)/ᾱ) at each grid point of a scheduler and after its last
+    step: float32 (n + 1,), after `set_timesteps(n)`.
+
+    Read from `scheduler.sigmas` for the σ schedulers (Euler, Euler ancestral, DPM-Solver++),
+    from ᾱ at the grid timesteps and `final_alpha_cumprod` for DDPM and DDIM, so every
+    scheduler is drawn on the same axis. Raises ValueError before set_timesteps.
+    """
+    if scheduler.timesteps is None:
+        raise ValueError(f"call set_timesteps(n) on the {type(scheduler).__name__} first")
+    if getattr(scheduler, "sigmas", None) is not None:
+        return scheduler.sigmas.float()
+    t = scheduler.timesteps.cpu().long()
+    alphas = torch.cat([scheduler.alphas_cumprod[t].double(),
+                        torch.tensor([scheduler.final_alpha_cumprod], dtype=torch.float64)])
+    return sigmas_from_alphas_cumprod(alphas).float()
+
+
+def plot_scheduler_grids(schedulers: dict, num_inference_steps: int):
+    """Where each scheduler samples: its timesteps (left) and noise levels σ (right, σ after
+    the last step included, symmetric-log axis so that σ = 0 shows) against the step index,
+    one line per scheduler. Calls `set_timesteps(num_inference_steps)` on each.
+
+    schedulers: {label: scheduler}. Returns the Figure.
+    """
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 3.6))
+    for k, (name, s) in enumerate(schedulers.items()):
+        s.set_timesteps(num_inference_steps)
+        marker = "os^vDx*"[k % 7]
+        ax_t.plot(s.timesteps.cpu().float().numpy(), marker=marker, label=name, alpha=0.8)
+        ax_s.plot(grid_sigmas(s).numpy(), marker=marker, label=name, alpha=0.8)
+    ax_t.set_title(f"timestep t of each of the {num_inference_steps} steps")
+    ax_s.set_title("σ before each step, and after the last")
+    ax_s.set_yscale("symlog", linthresh=0.01)
+    for ax in (ax_t, ax_s):
+        ax.set_xlabel("step i")
+        ax.grid(alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def draw_trajectories(trajectories: dict, size: float = 1.0):
+    """Image strips: one row per scheduler, one picture per step.
+
+    trajectories: {label: (timesteps, pictures)}, pictures (3, H, W) in [−1, 1] (e.g. the
+    decoded x̂_0 of every step), each row titled by its timesteps. Rows may differ in length.
+    Returns the Figure.
+    """
+    ncols = max(len(pictures) for _, pictures in trajectories.values())
+    fig, axes = plt.subplots(len(trajectories), ncols, squeeze=False,
+                             figsize=(size * ncols + 1.2, (size + 0.25) * len(trajectories)))
+    for row, (name, (timesteps, pictures)) in zip(axes, trajectories.items()):
+        for i, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+            if i < len(pictures):
+                ax.imshow(to_image(pictures[i]), interpolation="nearest")
+                ax.set_title(f"t={float(timesteps[i]):g}", fontsize=7)
+        row[0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def draw_latent_interpolation(vae, a: torch.Tensor, b: torch.Tensor, t: float):
+    """Blend two pictures in pixel space and in a VAE's latent space, side by side.
+
+    Panels: a; the pixel crossfade (1 − t)·a + t·b; decode((1 − t)·μ_a + t·μ_b), μ the
+    posterior means of `vae.encode` (a `minisd.vae.AutoencoderKL`); b. a, b: (3, H, W) in
+    [−1, 1], H and W multiples of the VAE's downsampling factor; t in [0, 1].
+    Returns the Figure. Raises ValueError for t outside [0, 1] (and as `vae.encode` does).
+    """
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    with torch.no_grad():
+        device = next(vae.parameters()).device
+        means = vae.encode(torch.stack([a, b]).to(device)).mode()
+        blended = vae.decode(torch.lerp(means[0], means[1], t)[None])[0]
+    return show_images([a, torch.lerp(a, b, t), blended, b],
+                       titles=["a", f"pixels, t = {t:.2f}", f"latents, t = {t:.2f}", "b"])
+
+
+def draw_loss_curve(losses, window: int = 100, title: str = "training loss"):
+    """The loss of every step (faint) and its moving average over `window` steps, log y
+    axis. losses: a sequence of floats. Returns the Figure. Raises ValueError when empty."""
+    losses = np.asarray(list(losses), dtype=np.float64)
+    if losses.size == 0:
+        raise ValueError("no losses to draw")
+    window = max(1, min(window, losses.size))
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(np.arange(losses.size), losses, alpha=0.25, lw=0.8, label="per step")
+    ax.plot(np.arange(window - 1, losses.size), smooth, lw=1.8,
+            label=f"mean of {window} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def draw_sample(pipe, prompt, scheduler: str = "dpmpp_2m", num_inference_steps: int = 20,
+                guidance_scale: float = 7.5, seed: int = 0, size: float = 3.0):
+    """Generate one picture with `pipe` (a StableDiffusionPipeline) and show it.
+
+    Args:
+        prompt: a caption, or a `minisd.data.Prompt`, whose picture is then read by the judge
+            (`minisd.evaluate.score`) and the verdict is written under it.
+        scheduler: a name of `minisd.schedulers.SCHEDULERS`; num_inference_steps,
+            guidance_scale, seed: as for the pipeline (no progress bar).
+    Returns the Figure. Raises what the pipeline raises (e.g. ValueError for an unknown
+    scheduler name, listing the known ones).
+    """
+    caption = prompt.caption if isinstance(prompt, Prompt) else prompt
+    images = pipe(caption, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
+                  output_type="pt", progress=False).images
+    picture = images[0] * 2 - 1                                   # [0, 1] → [−1, 1]
+    fig, ax = plt.subplots(figsize=(size, size + 0.6))
+    ax.imshow(to_image(picture), interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"“{caption}”\n{scheduler}, {num_inference_steps} steps, s = {guidance_scale:g}, "
+                 f"seed {seed}", fontsize=8)
+    if isinstance(prompt, Prompt):
+        verdict = score(picture, prompt)
+        wrong = [name for name, ok in verdict.items() if not ok and name != "overall"]
+        ax.text(0.5, -0.04, "judge: all right" if verdict["overall"]
+                else "judge: wrong " + ", ".join(wrong),
+                transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    return fig
