@@ -1,0 +1,109 @@
+"""The command line: a prompt in, PNG files out.
+
+    python -m minisd "a red circle on the left" -o out.png
+    python -m minisd "a cat" --model path/to/v1-5-pruned-emaonly.safetensors --steps 25 --n 4
+
+Uses the bundled model (data/minisd-shapes) unless --model names a diffusers model folder, an
+SD v1 single file (.safetensors, .ckpt) or a Hugging Face Hub id. Every PNG carries what
+made it in its text chunks (prompt, negative_prompt, seed, steps, guidance, scheduler,
+model, size): `PIL.Image.open(path).text` reads them back. Picture i of --n uses seed + i,
+so `--seed <its seed>` alone reproduces it.
+"""
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from minisd.pipeline import BUNDLED_MODEL, StableDiffusionPipeline
+from minisd.schedulers import SCHEDULERS
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minisd",
+                                     description="Generate pictures from a text prompt.")
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("-o", "--output", default="out.png",
+                        help="PNG path (default: out.png); with --n > 1 the pictures are "
+                             "numbered NAME-0.png, NAME-1.png, …")
+    parser.add_argument("--negative", default="", help="what to steer away from (default: nothing)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (default: 7.5; 1 = no guidance)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="sampler (default: the model's own)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="picture height, a multiple of 8 (default: the model's size)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="picture width, a multiple of 8 (default: the model's size)")
+    parser.add_argument("--n", type=int, default=1, help="how many pictures (default: 1)")
+    parser.add_argument("--model", default=None,
+                        help=f"model folder, SD v1 single file or Hub id (default: {BUNDLED_MODEL})")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: float16 on CUDA, float32 elsewhere")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow .ckpt/.bin files holding Python objects (runs their code: "
+                             "only for files you trust)")
+    return parser
+
+
+def load(model: str | None, device: str | None, dtype: torch.dtype | None,
+         trust_pickle: bool) -> StableDiffusionPipeline:
+    """The pipeline for --model: a single file by its suffix, else a folder or Hub id."""
+    kwargs = {"torch_dtype": dtype, "device": device, "trust_pickle": trust_pickle}
+    if model is not None and Path(model).suffix in SINGLE_FILE_SUFFIXES:
+        return StableDiffusionPipeline.from_single_file(model, **kwargs)
+    return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 with a message on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
+    try:
+        pipe = load(args.model, args.device, DTYPES.get(args.dtype), args.trust_pickle)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.n)]
+        images = pipe(args.prompt, negative_prompt=args.negative, height=args.height,
+                      width=args.width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, num_images_per_prompt=args.n,
+                      generator=generators, scheduler=args.scheduler).images
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"minisd: error: {error}", file=sys.stderr)
+        return 2
+    scheduler = args.scheduler or type(pipe.scheduler).__name__
+    model = args.model or str(BUNDLED_MODEL)
+    for i, (image, path) in enumerate(zip(images, output_paths(args.output, args.n),
+                                          strict=True)):
+        info = PngInfo()
+        for key, value in (("prompt", args.prompt), ("negative_prompt", args.negative),
+                           ("seed", seed + i), ("steps", args.steps),
+                           ("guidance", args.guidance), ("scheduler", scheduler),
+                           ("model", model), ("size", f"{image.width}x{image.height}"),
+                           ("software", "minisd")):
+            info.add_text(key, str(value))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, pnginfo=info)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""Loading and saving weights: diffusers model folders and original SD v1 single files.
+
+Stable Diffusion weights come in two layouts.
+
+1. A **diffusers model folder**, the layout minisd uses for its own models:
+
+       model_index.json         which class each part is
+       unet/          config.json + diffusion_pytorch_model.safetensors
+       vae/           config.json + diffusion_pytorch_model.safetensors
+       text_encoder/  config.json + model.safetensors
+       tokenizer/     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+       scheduler/     scheduler_config.json
+
+   minisd's parameter names are diffusers' and transformers', so these load with no
+   renaming (older folders hold `.bin` files instead, read with `weights_only=True`).
+
+2. An **original single file** (`.ckpt` or `.safetensors`), as CompVis and RunwayML released
+   SD v1.x: one state dict of the whole `LatentDiffusion` model, U-Net under
+   `model.diffusion_model.`, VAE under `first_stage_model.`, text encoder under
+   `cond_stage_model.transformer.` (with or without `text_model.`), often inside a
+   `state_dict` wrapper, sometimes with an EMA copy of the U-Net (`model_ema.`) and the
+   noise schedule's buffers (`betas`, `alphas_cumprod`, …). The names are those of the
+   `ldm` code (github.com/CompVis/stable-diffusion), mapped to diffusers' by three kinds of
+   rule, built from the model's config (`unet_rules`, `vae_rules`):
+
+   - block prefixes by index arithmetic: level i of the U-Net's down path holds
+     `layers_per_block` ResNet(+attention) blocks then a downsampler, numbered one after the
+     other as `input_blocks.{k}`; the VAE decoder counts its levels the other way round;
+   - leaf renames inside a block (`in_layers.0` → `norm1`, `nin_shortcut` → `conv_shortcut`);
+   - one shape rule: the VAE's attention projections are 1×1 convolutions in `ldm`,
+     (C, C, 1, 1), and linear layers in diffusers, (C, C).
+
+   The same rules run backwards in `save_single_file`.
+
+Loading is strict: every parameter must be in the file and every tensor of the file must be
+used (a text encoder's `position_ids` buffer and the schedule buffers aside, cases C16,
+C17); otherwise a ValueError lists the missing and unexpected keys by the file's names.
+Pickled files (`.ckpt`, `.bin`) are read with `torch.load(weights_only=True)`, which
+rebuilds tensors and plain containers but runs no code from the file (C18).
+"""
+
+import json
+import pickle
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.schedulers import SCHEDULERS, Scheduler
+from minisd.tokenizer import CLIPTokenizer
+from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
+from minisd.vae import AutoencoderKL, AutoencoderKLConfig
+
+MODEL_INDEX = "model_index.json"
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# weight files of each model part, preferred first (diffusers' and transformers' names)
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+}
+# what save_pretrained writes into model_index.json for each part (library, class)
+LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"),
+             "vae": ("diffusers", "AutoencoderKL"),
+             "text_encoder": ("transformers", "CLIPTextModel"),
+             "tokenizer": ("transformers", "CLIPTokenizer")}
+SCHEDULER_CLASSES = {cls.__name__: cls for cls in SCHEDULERS.values()}
+# used when a folder names a scheduler minisd does not have (SD v1.5 ships PNDMScheduler)
+DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
+
+# The SD v1 single-file prefixes (ldm's LatentDiffusion attribute names).
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+EMA_PREFIX = "model_ema."
+TEXT_MODEL = "text_model."
+POSITION_IDS = "embeddings.position_ids"
+# ldm's noise-schedule buffers and EMA bookkeeping: not weights, never a load error
+SCHEDULE_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates"}
+# the scheduler of SD v1.x (v1-inference.yaml; runwayml/stable-diffusion-v1-5's
+# scheduler_config.json, whose PNDMScheduler minisd replaces by DEFAULT_SCHEDULER)
+SD_V1_SCHEDULER = {"_class_name": DEFAULT_SCHEDULER, "num_train_timesteps": 1000,
+                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
+# prefixes of checkpoints that are not SD v1, with what they are
+FOREIGN = {"conditioner.embedders.": "an SDXL checkpoint",
+           "cond_stage_model.model.": "an SD 2.x checkpoint (OpenCLIP text encoder)",
+           "double_blocks.": "a FLUX checkpoint", "joint_blocks.": "an SD3 checkpoint"}
+
+
+# ---------------------------------------------------------------- reading files
+
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a weights file into a dict of tensors, on the CPU, without modifying the file.
+
+    Args:
+        path: a `.safetensors` file (never unpickled), or a pickled PyTorch file (`.ckpt`,
+            `.bin`, `.pt`, `.pth`), read with `torch.load(weights_only=True)`: tensors,
+            numbers, strings and containers only, no code runs (case C18).
+        trust_pickle: the explicit opt-in to unpickle arbitrary Python objects
+            (`weights_only=False`). Only for files from a source you trust: unpickling can
+            run any code the file's author wrote.
+    Returns:
+        the file's top-level dict (a `state_dict` wrapper is kept; see `load_single_file`).
+    Raises:
+        FileNotFoundError if the file is missing; ValueError for a truncated or damaged file,
+        an unknown extension, or a pickle holding objects other than tensors and numbers
+        (naming them and the `trust_pickle=True` opt-in); TypeError when the file holds
+        something other than a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or "
+                             f"damaged?): {error}") from error
+    if path.suffix not in (".ckpt", ".bin", ".pt", ".pth"):
+        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; minisd reads "
+                         ".safetensors, and .ckpt/.bin/.pt/.pth PyTorch files")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        objects = _unsafe_globals(path)
+        if not objects:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged "
+                             f"or not a checkpoint?): {str(error).splitlines()[0]}") from None
+        raise ValueError(f"{path} holds Python objects besides tensors and numbers: "
+                         f"{', '.join(objects)}. minisd does not unpickle them "
+                         "because that runs code from the file. If you trust its source, "
+                         "pass trust_pickle=True (command line: --trust-pickle); better, "
+                         "convert it to .safetensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or "
+                         f"damaged?): {error}") from error
+    if not isinstance(state, dict):
+        raise TypeError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The names of the Python objects a pickle would build, read without running it;
+    empty when the file cannot be scanned (not a zip-format PyTorch file)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, pickle.UnpicklingError):
+        return []
+
+
+def _tensors(state: dict, source: str) -> dict[str, torch.Tensor]:
+    """The tensor entries of a state dict (numbers such as `global_step` dropped)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors (keys: {sorted(state)[:8]})")
+    return tensors
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                file_name: Callable[[str], str] | None = None) -> nn.Module:
+    """Load `state` into `model` strictly, adopting its tensors (`assign=True`, so a model
+    built on the `meta` device gets real weights without a copy).
+
+    Args:
+        model: any minisd model; state: its state dict (diffusers names).
+        source: what the weights are, for the error message (a path).
+        file_name: model key → the key's name in the file, to report keys as the file
+            names them (identity by default).
+    Raises:
+        ValueError listing the missing keys, the unexpected keys and the shape mismatches.
+    """
+    own = model.state_dict()
+    named = file_name or str
+    missing = sorted(named(k) for k in own.keys() - state.keys())
+    unexpected = sorted(named(k) for k in state.keys() - own.keys())
+    shapes = sorted(f"{named(k)} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
+                    for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match the {type(model).__name__}:"
+                         + _listed("missing keys", missing)
+                         + _listed("unexpected keys", unexpected)
+                         + _listed("shape mismatches", shapes)
+                         + "\nAre the weights and the config of the same model?")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _listed(what: str, keys: list[str], limit: int = 10) -> str:
+    if not keys:
+        return ""
+    more = f", … ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"\n  {len(keys)} {what}: {', '.join(keys[:limit])}{more}"
+
+
+def _text_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys with or without `text_model.` → minisd's, dropping the position_ids
+    buffer (positions are always 0…L−1; case C16)."""
+    out = {key.removeprefix(TEXT_MODEL): tensor for key, tensor in state.items()}
+    out.pop(POSITION_IDS, None)
+    return out
+
+
+def _build(cls, config, state: dict, source: str, file_name: Callable[[str], str] | None = None,
+           dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """A `cls` model built on `meta` (no memory, no init), loaded strictly with `state`
+    (`file_name` as in `load_strict`), then moved to `device` and `dtype`, in eval mode."""
+    with torch.device("meta"):
+        model = cls(config)
+    load_strict(model, state, source, file_name)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a diffusers model folder has "
+                                f"{MODEL_INDEX} and unet/, vae/, text_encoder/, tokenizer/, "
+                                "scheduler/ folders with their configs")
+    return json.loads(path.read_text())
+
+
+def _weights(folder: Path, part: str, trust_pickle: bool) -> tuple[dict, str]:
+    for name in WEIGHT_FILES[part]:
+        if (folder / name).is_file():
+            return read_state_dict(folder / name, trust_pickle), str(folder / name)
+    raise FileNotFoundError(f"no weights in {folder}: expected {' or '.join(WEIGHT_FILES[part])}")
+
+
+def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """A `tokenizer/` folder: vocab.json + merges.txt (SD v1.x's), or only tokenizer.json,
+    the file transformers 5 saves, whose BPE model holds the same vocabulary and merges
+    (as "a b" strings or [a, b] pairs). Special tokens and model_max_length come from
+    tokenizer_config.json. Raises FileNotFoundError when neither form is there."""
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder)
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    settings = {}
+    if (folder / "tokenizer_config.json").is_file():
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+    kwargs = {k: settings[k] for k in ("bos_token", "eos_token", "pad_token", "model_max_length")
+              if isinstance(settings.get(k), (str, int))}
+    return CLIPTokenizer(model["vocab"], merges, **kwargs)
+
+
+def load_scheduler(config: dict) -> Scheduler:
+    """A scheduler from a `scheduler_config.json` dict, by its `_class_name`.
+
+    A scheduler minisd does not implement (SD v1.5's PNDMScheduler, LMSDiscreteScheduler, …)
+    becomes DPMSolverMultistepScheduler on the same noise schedule, with a warning;
+    choose another per call with the pipeline's `scheduler=` argument.
+    """
+    name = config.get("_class_name", DEFAULT_SCHEDULER)
+    if name not in SCHEDULER_CLASSES:
+        warnings.warn(f"minisd has no {name}; using {DEFAULT_SCHEDULER} on the same noise "
+                      f"schedule (pick another with scheduler=, one of {', '.join(SCHEDULERS)})",
+                      stacklevel=3)
+        name = DEFAULT_SCHEDULER
+    return SCHEDULER_CLASSES[name].from_config(config)
+
+
+def load_pretrained(folder: str | Path, torch_dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
+    """Load a diffusers-format Stable Diffusion folder (the layout in the module docstring).
+
+    Args:
+        folder: the model folder (with model_index.json).
+        torch_dtype, device: where the three networks go (the file's dtype does not matter).
+        trust_pickle: passed to `read_state_dict` for `.bin` files.
+    Returns:
+        {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}: minisd objects, the
+        networks in eval mode.
+    Raises:
+        FileNotFoundError naming a missing file; ValueError for a pipeline class minisd does
+        not load (SDXL, …), configs minisd cannot build, or weights that do not match their
+        config (listing the keys).
+    """
+    folder = Path(folder)
+    index = _read_json(folder / MODEL_INDEX)
+    kind = index.get("_class_name")
+    if kind not in PIPELINE_CLASSES:
+        raise ValueError(f"{folder / MODEL_INDEX} describes a {kind}; minisd loads "
+                         f"{' and '.join(PIPELINE_CLASSES)} folders (SD v1.x, v2.x)")
+    nets = {"unet": (UNet2DConditionModel, UNet2DConditionConfig),
+            "vae": (AutoencoderKL, AutoencoderKLConfig),
+            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+    parts = {}
+    for part, (cls, config_cls) in nets.items():
+        config = config_cls.from_config(_read_json(folder / part / "config.json"))
+        state, source = _weights(folder / part, part, trust_pickle)
+        if part == "text_encoder":
+            state = _text_encoder_state(state)
+        parts[part] = _build(cls, config, state, source, None, torch_dtype, device)
+    if not (folder / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{folder} has no tokenizer/ folder")
+    parts["tokenizer"] = load_tokenizer(folder / "tokenizer")
+    parts["scheduler"] = load_scheduler(_read_json(folder / "scheduler" /
+                                                   "scheduler_config.json"))
+    return parts
+
+
+def save_pretrained(folder: str | Path, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                    tokenizer: CLIPTokenizer, unet: UNet2DConditionModel,
+                    scheduler: Scheduler) -> Path:
+    """Write a diffusers-format model folder (safetensors, in the models' dtypes) that
+    `load_pretrained` and diffusers' `StableDiffusionPipeline.from_pretrained` both read.
+    Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline",
+             **{part: list(library) for part, library in LIBRARIES.items()},
+             "scheduler": ["diffusers", type(scheduler).__name__],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------- single-file key rules
+
+# leaf renames inside one block: ldm name → diffusers name
+UNET_RESNET_LEAVES = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.",
+                      "emb_layers.1.": "time_emb_proj.", "out_layers.0.": "norm2.",
+                      "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
+VAE_RESNET_LEAVES = {"nin_shortcut.": "conv_shortcut."}
+VAE_ATTENTION_LEAVES = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.",
+                        "proj_out.": "to_out.0."}
+# the shape rule: these VAE weights are 1×1 convs in ldm, (C, C, 1, 1), linear in diffusers
+VAE_CONV_AS_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+Rule = tuple[str, str, dict]   # (ldm prefix, diffusers prefix, leaf renames)
+
+
+def unet_rules(config: UNet2DConditionConfig) -> list[Rule]:
+    """ldm → diffusers block prefixes of the U-Net, by walking the config's levels.
+
+    ldm numbers the down path's blocks in one sequence, `input_blocks.{k}` (k = 0 is
+    conv_in), and the up path's as `output_blocks.{k}`; at level i (L = layers_per_block):
+
+        input_blocks.{k}.0 / .1   → down_blocks.{i}.resnets.{j} / .attentions.{j}, j < L
+        input_blocks.{k}.0.op     → down_blocks.{i}.downsamplers.0.conv  (k after them)
+        output_blocks.{k}.0 / .1  → up_blocks.{i}.resnets.{j} / .attentions.{j}, j ≤ L
+        output_blocks.{k}.2.conv  → up_blocks.{i}.upsamplers.0.conv (.1.conv without attention)
+
+    so for SD v1 (L = 2), input_blocks.4 is down_blocks.1.resnets.0 ((4 − 1) = 3·1 + 0).
+    """
+    rules = [("time_embed.0.", "time_embedding.linear_1.", {}),
+             ("time_embed.2.", "time_embedding.linear_2.", {}),
+             ("input_blocks.0.0.", "conv_in.", {}),
+             ("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET_LEAVES),
+             ("middle_block.1.", "mid_block.attentions.0.", {}),
+             ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET_LEAVES),
+             ("out.0.", "conv_norm_out.", {}), ("out.2.", "conv_out.", {})]
+    layers = config.per_level("layers_per_block")
+    levels = len(layers)
+    k = 1
+    for i, block_type in enumerate(config.down_block_types):
+        for j in range(layers[i]):
+            rules.append((f"input_blocks.{k}.0.", f"down_blocks.{i}.resnets.{j}.",
+                          UNET_RESNET_LEAVES))
+            if block_type == "CrossAttnDownBlock2D":
+                rules.append((f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}.", {}))
+            k += 1
+        if i < levels - 1:
+            rules.append((f"input_blocks.{k}.0.op.", f"down_blocks.{i}.downsamplers.0.conv.",
+                          {}))
+            k += 1
+    k = 0
+    for i, block_type in enumerate(config.up_block_types):
+        level = levels - 1 - i
+        attention = block_type == "CrossAttnUpBlock2D"
+        for j in range(layers[level] + 1):
+            rules.append((f"output_blocks.{k}.0.", f"up_blocks.{i}.resnets.{j}.",
+                          UNET_RESNET_LEAVES))
+            if attention:
+                rules.append((f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}.", {}))
+            if level > 0 and j == layers[level]:
+                rules.append((f"output_blocks.{k}.{2 if attention else 1}.conv.",
+                              f"up_blocks.{i}.upsamplers.0.conv.", {}))
+            k += 1
+    return rules
+
+
+def vae_rules(config: AutoencoderKLConfig) -> list[Rule]:
+    """ldm → diffusers block prefixes of the VAE. The encoder's levels have the same order
+    in both (`encoder.down.{i}` → `encoder.down_blocks.{i}`); the decoder's are numbered from
+    the highest resolution in ldm and from the lowest in diffusers, so with n levels
+    `decoder.up.{n−1−i}` → `decoder.up_blocks.{i}`. Keys matching no rule (conv_in,
+    conv_out, quant_conv, post_quant_conv) keep their names."""
+    n, L = len(config.block_out_channels), config.layers_per_block
+    rules = [("encoder.norm_out.", "encoder.conv_norm_out.", {}),
+             ("decoder.norm_out.", "decoder.conv_norm_out.", {})]
+    for part in ("encoder", "decoder"):
+        rules += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", VAE_RESNET_LEAVES),
+                  (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.",
+                   VAE_ATTENTION_LEAVES),
+                  (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", VAE_RESNET_LEAVES)]
+    for i in range(n):
+        up = n - 1 - i
+        rules += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.",
+                   VAE_RESNET_LEAVES) for j in range(L)]
+        rules += [(f"decoder.up.{up}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.",
+                   VAE_RESNET_LEAVES) for j in range(L + 1)]
+        if i < n - 1:
+            rules.append((f"encoder.down.{i}.downsample.",
+                          f"encoder.down_blocks.{i}.downsamplers.0.", {}))
+        if up > 0:
+            rules.append((f"decoder.up.{up}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0.",
+                          {}))
+    return rules
+
+
+def rename(key: str, rules: list[Rule], to_diffusers: bool = True) -> str:
+    """Rename one key by the first rule whose prefix it starts with (the rules' prefixes
+    are disjoint), then the leaf renames of that block; keys matching no rule are kept.
+    `to_diffusers=False` applies the rules backwards (diffusers → ldm)."""
+    for ldm, diffusers, leaves in rules:
+        old, new = (ldm, diffusers) if to_diffusers else (diffusers, ldm)
+        if key.startswith(old):
+            rest = key[len(old):]
+            for leaf_ldm, leaf_diffusers in leaves.items():
+                leaf_old, leaf_new = ((leaf_ldm, leaf_diffusers) if to_diffusers
+                                      else (leaf_diffusers, leaf_ldm))
+                if rest.startswith(leaf_old):
+                    rest = leaf_new + rest[len(leaf_old):]
+                    break
+            return new + rest
+    return key
+
+
+def _vae_linear(key: str, tensor: torch.Tensor, to_diffusers: bool) -> torch.Tensor:
+    """The shape rule: (C, C, 1, 1) ↔ (C, C) for the VAE's attention projections."""
+    if ".mid_block.attentions." in key and key.endswith(VAE_CONV_AS_LINEAR):
+        return tensor.reshape(tensor.shape[:2]) if to_diffusers else tensor[:, :, None, None]
+    return tensor
+
+
+# ---------------------------------------------------------------- single files
+
+def _sd_v1_configs() -> dict:
+    return {"unet": UNet2DConditionConfig(), "vae": AutoencoderKLConfig.sd_v1(),
+            "text_encoder": CLIPTextConfig.sd_v1()}
+
+
+def _configs_from_folder(folder: Path) -> dict:
+    return {"unet": UNet2DConditionConfig.from_config(_read_json(folder / "unet" /
+                                                                 "config.json")),
+            "vae": AutoencoderKLConfig.from_config(_read_json(folder / "vae" / "config.json")),
+            "text_encoder": CLIPTextConfig.from_config(_read_json(folder / "text_encoder" /
+                                                                  "config.json"))}
+
+
+def _check_sd_v1(state: dict, source: str) -> None:
+    """Refuse a checkpoint that is not SD v1 before listing hundreds of keys."""
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        for prefix, what in FOREIGN.items():
+            if any(k.startswith(prefix) for k in state):
+                raise ValueError(f"{source} looks like {what} (keys under {prefix!r}); minisd "
+                                 "loads SD v1.x single files")
+        return
+    tops = sorted({k.split(".")[0] for k in state})
+    what = next((w for p, w in FOREIGN.items() if any(k.startswith(p) for k in state)), None)
+    raise ValueError(f"{source} is not an SD v1 single-file checkpoint: no keys under "
+                     f"{UNET_PREFIX!r}" + (f"; it looks like {what}" if what else "")
+                     + f" (top-level names: {', '.join(tops[:10])}). A diffusers model "
+                     "folder loads with from_pretrained instead")
+
+
+def load_single_file(path: str | Path, config: str | Path | None = None,
+                     use_ema: bool | None = None, torch_dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
+    """Load an original SD v1 single-file checkpoint (`.safetensors` or `.ckpt`).
+
+    The layouts accepted (case C17): keys flat at the top level or under `state_dict`;
+    text-encoder keys under `cond_stage_model.transformer.text_model.` or, from older
+    transformers, `cond_stage_model.transformer.` directly; with or without a
+    `position_ids` buffer (C16); schedule buffers (`betas`, `alphas_cumprod`, …) compared
+    with the scheduler's and otherwise ignored (a mismatch warns).
+
+    Args:
+        path: the file; it is only read.
+        config: None for SD v1.x's built-in configs (U-Net, VAE, ViT-L/14 text tower, OpenAI's
+            tokenizer, the SD v1 noise schedule), or a diffusers model folder whose configs,
+            tokenizer and scheduler describe the file's model (weights there are not read).
+        use_ema: which U-Net weights when the file also holds the EMA copy (`model_ema.`, its
+            keys the U-Net's keys with the dots removed, as ldm's LitEma names them): None
+            takes the EMA copy when present (the one SD's authors sample with), True requires
+            it, False takes the trained weights.
+        torch_dtype, device: where the networks go.
+        trust_pickle: the opt-in of `read_state_dict` for pickles holding other objects.
+    Returns:
+        {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}, as `load_pretrained`.
+    Raises:
+        ValueError for a foreign checkpoint (SDXL, SD 2.x, …), use_ema=True without EMA
+        weights, or keys that do not match (missing and unexpected ones listed by the file's
+        names); the errors of `read_state_dict`.
+    """
+    source = str(path)
+    state = read_state_dict(path, trust_pickle)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = _tensors(state, source)
+    _check_sd_v1(state, source)
+    configs = _sd_v1_configs() if config is None else _configs_from_folder(Path(config))
+    if config is None:
+        tokenizer, scheduler = CLIPTokenizer.openai(), load_scheduler(SD_V1_SCHEDULER)
+    else:
+        tokenizer = load_tokenizer(Path(config) / "tokenizer")
+        scheduler = load_scheduler(_read_json(Path(config) / "scheduler" /
+                                              "scheduler_config.json"))
+
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in SCHEDULE_BUFFERS for k in state)
+    if use_ema and not has_ema:
+        raise ValueError(f"use_ema=True but {source} has no EMA weights ({EMA_PREFIX}…); "
+                         "load it with use_ema=None or False")
+    use_ema = has_ema if use_ema is None else use_ema
+
+    rules = {"unet": unet_rules(configs["unet"]), "vae": vae_rules(configs["vae"])}
+    parts = {"unet": {}, "vae": {}, "text_encoder": {}}
+    unexpected = []
+    for key, tensor in state.items():
+        if key.startswith(UNET_PREFIX):
+            part, name = "unet", rename(key[len(UNET_PREFIX):], rules["unet"])
+            if use_ema:
+                ema_key = EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+                tensor = state.get(ema_key)
+                if tensor is None:
+                    unexpected.append(f"{key} (its EMA copy {ema_key} is missing)")
+                    continue
+        elif key.startswith(VAE_PREFIX):
+            part, name = "vae", rename(key[len(VAE_PREFIX):], rules["vae"])
+            tensor = _vae_linear(name, tensor, to_diffusers=True)
+        elif key.startswith(TEXT_PREFIX):
+            part, name = "text_encoder", key[len(TEXT_PREFIX):].removeprefix(TEXT_MODEL)
+            if name == POSITION_IDS:
+                continue
+        elif key.startswith(EMA_PREFIX) or key in SCHEDULE_BUFFERS:
+            continue
+        else:
+            unexpected.append(key)
+            continue
+        parts[part][name] = tensor
+    if unexpected:
+        raise ValueError(f"{source} has keys that belong to no part of SD v1:"
+                         + _listed("unexpected keys", sorted(unexpected)))
+    _check_schedule(state, scheduler, source)
+
+    file_names = {"unet": lambda k: UNET_PREFIX + rename(k, rules["unet"], False),
+                  "vae": lambda k: VAE_PREFIX + rename(k, rules["vae"], False),
+                  "text_encoder": lambda k: TEXT_PREFIX + TEXT_MODEL + k}
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+               "text_encoder": CLIPTextModel}
+    models = {part: _build(classes[part], configs[part], parts[part], source, file_names[part],
+                           torch_dtype, device) for part in parts}
+    return {**models, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _check_schedule(state: dict, scheduler: Scheduler, source: str) -> None:
+    """Compare the file's ᾱ (or β) with the scheduler's; warn when they differ."""
+    for key, ours in (("alphas_cumprod", scheduler.alphas_cumprod),
+                      ("betas", scheduler.schedule.betas)):
+        if key in state:
+            theirs = state[key].double().cpu()
+            if theirs.shape != ours.shape or not torch.allclose(theirs, ours.double(),
+                                                                rtol=1e-4, atol=1e-6):
+                warnings.warn(f"{source} stores a noise schedule ({key}) that differs from "
+                              "the scheduler config's; sampling uses the config's",
+                              stacklevel=3)
+            return
+
+
+def single_file_state_dict(unet: UNet2DConditionModel, vae: AutoencoderKL,
+                           text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """The three networks' weights in the original SD v1 single-file layout, by the rules of
+    `unet_rules` and `vae_rules` run backwards: keys under `model.diffusion_model.`,
+    `first_stage_model.` (attention projections as 1×1 convs, (C, C, 1, 1)) and
+    `cond_stage_model.transformer.text_model.`. The tensors are the models' own (no copy)."""
+    state = {}
+    unet_map, vae_map = unet_rules(unet.config), vae_rules(vae.config)
+    for key, tensor in unet.state_dict().items():
+        state[UNET_PREFIX + rename(key, unet_map, to_diffusers=False)] = tensor
+    for key, tensor in vae.state_dict().items():
+        state[VAE_PREFIX + rename(key, vae_map, to_diffusers=False)] = \
+            _vae_linear(key, tensor, to_diffusers=False)
+    for key, tensor in text_encoder.state_dict().items():
+        state[TEXT_PREFIX + TEXT_MODEL + key] = tensor
+    return state
+
+
+def save_single_file(path: str | Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                     text_encoder: CLIPTextModel) -> Path:
+    """Export the three networks to an original SD v1 single file
+    (`single_file_state_dict`): a `.safetensors` path gets a flat safetensors file, a `.ckpt`
+    path a `torch.save`d {"state_dict": …}, as ldm wrote them. Returns the path.
+    Raises ValueError for another extension."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"save_single_file writes .safetensors or .ckpt, not {path.suffix!r}")
+    state = {k: v.detach().contiguous().cpu()
+             for k, v in single_file_state_dict(unet, vae, text_encoder).items()}
+    if path.suffix == ".safetensors":
+        save_file(state, path, metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
