@@ -51,8 +51,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.clip import CLIPTextConfig, CLIPTextModel, text_encoder_state
 from minisd.schedulers import SCHEDULERS, Scheduler
+from minisd.state_dict import listed, load_strict
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
@@ -168,50 +169,6 @@ def _tensors(state: dict, source: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
-                file_name: Callable[[str], str] | None = None) -> nn.Module:
-    """Load `state` into `model` strictly, adopting its tensors (`assign=True`, so a model
-    built on the `meta` device gets real weights without a copy).
-
-    Args:
-        model: any minisd model; state: its state dict (diffusers names).
-        source: what the weights are, for the error message (a path).
-        file_name: model key → the key's name in the file, to report keys as the file
-            names them (identity by default).
-    Raises:
-        ValueError listing the missing keys, the unexpected keys and the shape mismatches.
-    """
-    own = model.state_dict()
-    named = file_name or str
-    missing = sorted(named(k) for k in own.keys() - state.keys())
-    unexpected = sorted(named(k) for k in state.keys() - own.keys())
-    shapes = sorted(f"{named(k)} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
-                    for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match the {type(model).__name__}:"
-                         + _listed("missing keys", missing)
-                         + _listed("unexpected keys", unexpected)
-                         + _listed("shape mismatches", shapes)
-                         + "\nAre the weights and the config of the same model?")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def _listed(what: str, keys: list[str], limit: int = 10) -> str:
-    if not keys:
-        return ""
-    more = f", … ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"\n  {len(keys)} {what}: {', '.join(keys[:limit])}{more}"
-
-
-def _text_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Text-encoder keys with or without `text_model.` → minisd's, dropping the position_ids
-    buffer (positions are always 0…L−1; case C16)."""
-    out = {key.removeprefix(TEXT_MODEL): tensor for key, tensor in state.items()}
-    out.pop(POSITION_IDS, None)
-    return out
-
-
 def _build(cls, config, state: dict, source: str, file_name: Callable[[str], str] | None = None,
            dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
     """A `cls` model built on `meta` (no memory, no init), loaded strictly with `state`
@@ -303,7 +260,7 @@ def load_pretrained(folder: str | Path, torch_dtype: torch.dtype = torch.float32
         config = config_cls.from_config(_read_json(folder / part / "config.json"))
         state, source = _weights(folder / part, part, trust_pickle)
         if part == "text_encoder":
-            state = _text_encoder_state(state)
+            state = text_encoder_state(state)
         parts[part] = _build(cls, config, state, source, None, torch_dtype, device)
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"{folder} has no tokenizer/ folder")
@@ -561,7 +518,7 @@ def load_single_file(path: str | Path, config: str | Path | None = None,
         parts[part][name] = tensor
     if unexpected:
         raise ValueError(f"{source} has keys that belong to no part of SD v1:"
-                         + _listed("unexpected keys", sorted(unexpected)))
+                         + listed("unexpected keys", sorted(unexpected)))
     _check_schedule(state, scheduler, source)
 
     file_names = {"unet": lambda k: UNET_PREFIX + rename(k, rules["unet"], False),

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import multi_head_attention
+from minisd.state_dict import load_strict
 from minisd.tokenizer import CLIPTokenizer
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput", "CLIPTokenizer"]
@@ -164,6 +165,14 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding(positions)
 
 
+def text_encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys with or without ``text_model.`` → minisd's (without), dropping the
+    ``embeddings.position_ids`` buffer: positions are always 0…L−1 (case C16)."""
+    state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+    state.pop("embeddings.position_ids", None)
+    return state
+
+
 class CLIPTextModel(nn.Module):
     """CLIP's text transformer (module docstring); matches transformers' `CLIPTextModel`.
 
@@ -247,34 +256,20 @@ class CLIPTextModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights with transformers' names, with or without the ``text_model.`` prefix;
-        a ``(text_model.)embeddings.position_ids`` buffer is dropped (positions are always
-        0…L−1; case C16).
+        a ``(text_model.)embeddings.position_ids`` buffer is dropped (case C16).
 
-        Raises (when `strict`): ValueError naming unexpected keys, missing keys, or a
-        tensor whose shape does not match the config.
+        Raises (when `strict`): ValueError listing unexpected keys, missing keys and shape
+        mismatches, by the names the state dict uses (`minisd.state_dict.load_strict`).
         """
+        if not strict:
+            return super().load_state_dict(text_encoder_state(state_dict), strict=False,
+                                           assign=assign)
         original = {k.removeprefix(PREFIX): k for k in state_dict}   # our name → file's name
-        state = {k: state_dict[name] for k, name in original.items()
-                 if k != "embeddings.position_ids"}
-        if strict:
-            own = self.state_dict()
-            unexpected = sorted(original[k] for k in set(state) - set(own))
-            missing = sorted(set(own) - set(state))
-            if unexpected:
-                raise ValueError(f"unexpected key(s) in a CLIP text encoder state dict: "
-                                 f"{unexpected[:10]} ({len(unexpected)} in all). Keys are "
-                                 "transformers' CLIPTextModel names, optionally under "
-                                 f"'{PREFIX}'; remove any other prefix first")
-            if missing:
-                raise ValueError(f"missing key(s) in a CLIP text encoder state dict: "
-                                 f"{missing[:10]} ({len(missing)} in all); the checkpoint "
-                                 "is truncated or belongs to another model")
-            for key, tensor in state.items():
-                if tensor.shape != own[key].shape:
-                    raise ValueError(f"{key} has shape {tuple(tensor.shape)} in the checkpoint"
-                                     f" but {tuple(own[key].shape)} in this model: the config "
-                                     "does not match the weights")
-        return super().load_state_dict(state, strict=strict, assign=assign)
+        return load_strict(self, text_encoder_state(state_dict), "a CLIP text encoder state dict",
+                    file_name=lambda k: original.get(k, k),
+                    hint=f"Keys are transformers' CLIPTextModel names, optionally under "
+                         f"'{PREFIX}'; a truncated file or another model's weights do not fit.",
+                           assign=assign)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,

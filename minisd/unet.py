@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import Attention
+from minisd.state_dict import load_strict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -586,19 +587,8 @@ class UNet2DConditionModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         state = load_file(path / WEIGHTS_NAME, device=str(device))
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
-        if missing or unexpected or wrong:
-            problems = [f"{len(keys)} {what}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
-                        for what, keys in (("missing keys", missing),
-                                           ("unexpected keys", unexpected),
-                                           ("keys with the wrong shape", wrong)) if keys]
-            raise ValueError(f"{path / WEIGHTS_NAME} does not match the U-Net of "
-                             f"{path / CONFIG_NAME}: " + "; ".join(problems)
-                             + ". Is it a diffusers unet/ checkpoint of this config?")
-        model.load_state_dict(state, strict=True, assign=True)
+        load_strict(model, state, str(path / WEIGHTS_NAME),
+                    hint="Is it a diffusers unet/ checkpoint of this config?")
         return model.to(dtype=torch_dtype) if torch_dtype is not None else model
 
     def save_pretrained(self, path) -> None:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import Attention
+from minisd.state_dict import load_strict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -450,28 +451,12 @@ class AutoencoderKL(nn.Module):
         (with a hint when the keys look like an original CompVis checkpoint, which needs the
         single-file key mapping first). `assign=True` adopts the tensors (for meta models).
         """
-        own = self.state_dict()
-        missing = sorted(own.keys() - state_dict.keys())
-        unexpected = sorted(state_dict.keys() - own.keys())
-        shapes = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-                        for k in own.keys() & state_dict.keys()
-                        if own[k].shape != state_dict[k].shape)
-        if missing or unexpected or shapes:
-            def listed(what, keys):
-                more = f", … ({len(keys) - 8} more)" if len(keys) > 8 else ""
-                return f"\n  {len(keys)} {what}: {', '.join(keys[:8])}{more}" if keys else ""
-            hint = ""
-            if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up."))
-                   for k in unexpected):
-                hint = ("\nThese keys are in the original CompVis (ldm) layout; convert them "
-                        "to diffusers names first.")
-            elif shapes and not (missing or unexpected):
-                hint = "\nThe weights do not match this config (block_out_channels, …)."
-            raise ValueError(f"{source} does not match AutoencoderKL:"
-                             f"{listed('missing keys', missing)}"
-                             f"{listed('unexpected keys', unexpected)}"
-                             f"{listed('shape mismatches', shapes)}{hint}")
-        self.load_state_dict(state_dict, strict=True, assign=assign)
+        hint = ""
+        if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up."))
+               for k in state_dict):
+            hint = ("These keys are in the original CompVis (ldm) layout; convert them to "
+                    "diffusers names first (minisd.checkpoints.load_single_file does).")
+        load_strict(self, state_dict, source, hint=hint, assign=assign)
         return self
 
     @classmethod

@@ -226,7 +226,7 @@ def test_foreign_or_broken_checkpoints_fail_naming_the_keys(tmp_path):
     message = str(error.value)
     assert "1 missing keys: conv_in.weight" in message
     assert "1 unexpected keys: class_embedding.linear_1.weight" in message
-    assert "1 keys with the wrong shape: conv_out.bias" in message
+    assert "1 shape mismatches: conv_out.bias (5,) (model: (4,))" in message
 
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors not found"):
