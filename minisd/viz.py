@@ -249,3 +249,51 @@ def draw_sample(pipe, prompt, scheduler: str = "dpmpp_2m", num_inference_steps: 
                 transform=ax.transAxes, ha="center", va="top", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def draw_text_to_image(pipe, prompt: str, negative_prompt: str = "",
+                       num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
+                       scheduler: str | None = None, num_previews: int = 4, size: float = 1.5):
+    """Generate one picture with `pipe` (a StableDiffusionPipeline) and show it after the
+    model's guess of it, x̂_0, at `num_previews` steps spread evenly over the run (from the
+    first to the last step), each titled with its timestep t.
+
+    Args:
+        prompt, negative_prompt, num_inference_steps, guidance_scale, seed: as for the
+            pipeline (CPU noise from `seed`, no progress bar).
+        scheduler: a name of `minisd.schedulers.SCHEDULERS`, or None for the pipeline's own.
+        num_previews: x̂_0 panels, ≥ 0 (fewer when there are fewer steps).
+    Returns the Figure: the previews, then the picture at twice their size, titled with the
+    prompt and the settings. Raises ValueError for num_previews < 0, and what the pipeline
+    raises (e.g. ValueError for an unknown scheduler name, listing the known ones).
+    """
+    if num_previews < 0:
+        raise ValueError(f"num_previews must be ≥ 0, got {num_previews}")
+    timesteps, guesses, state = [], [], None
+    for state in pipe.denoising_steps(prompt, negative_prompt,
+                                      num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, seed=seed,
+                                      scheduler=scheduler, progress=False):
+        picks = np.linspace(0, state.num_steps - 1, num_previews).round()
+        if state.step in picks:
+            timesteps.append(float(state.timestep))
+            guesses.append(state.pred_original_sample)
+    # decode the final latents and the x̂_0 guesses; [0, 1] → [−1, 1]
+    picture = pipe.decode(state.latents, output_type="pt")[0] * 2 - 1
+    previews = pipe.decode(torch.cat(guesses), output_type="pt") * 2 - 1 if guesses else []
+    fig, axes = plt.subplots(1, len(timesteps) + 1, squeeze=False,
+                             figsize=(size * (len(timesteps) + 2), size * 2 + 0.7),
+                             gridspec_kw={"width_ratios": [1] * len(timesteps) + [2]})
+    axes = axes[0]
+    for ax, t, guess in zip(axes, timesteps, previews):
+        ax.imshow(to_image(guess), interpolation="nearest")
+        ax.set_title(f"x̂_0 at t = {t:g}", fontsize=8)
+    axes[-1].imshow(to_image(picture), interpolation="nearest")
+    name = scheduler or type(pipe.scheduler).__name__
+    negative = f", not “{negative_prompt}”" if negative_prompt else ""
+    axes[-1].set_title(f"“{prompt}”{negative}\n{name}, {num_inference_steps} steps, "
+                       f"s = {guidance_scale:g}, seed {seed}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

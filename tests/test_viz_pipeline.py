@@ -1,0 +1,65 @@
+"""viz.draw_text_to_image (chapter 6's prompt widget), tested without widgets on a tiny
+random pipeline: the picture it shows is the pipeline's own, the x̂_0 previews are the
+decoded predictions of the steps it names, and bad input fails clearly."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from test_pipeline import tiny_pipeline
+
+from minisd import viz
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("ddim")
+
+
+def shown(ax) -> np.ndarray:
+    return np.asarray(ax.get_images()[0].get_array())
+
+
+def test_the_picture_is_the_pipelines_and_the_title_names_the_settings(pipe):
+    fig = viz.draw_text_to_image(pipe, "a red circle", negative_prompt="blue",
+                                 num_inference_steps=5, guidance_scale=3.0, seed=7,
+                                 scheduler="euler", num_previews=3)
+    expected = pipe("a red circle", negative_prompt="blue", num_inference_steps=5,
+                    guidance_scale=3.0, seed=7, scheduler="euler", output_type="pt",
+                    progress=False).images[0] * 2 - 1
+    assert len(fig.axes) == 4                                   # 3 previews + the picture
+    np.testing.assert_allclose(shown(fig.axes[-1]), viz.to_image(expected), atol=1e-6)
+    assert fig.axes[-1].get_title() == ("“a red circle”, not “blue”\n"
+                                        "euler, 5 steps, s = 3, seed 7")
+    plt.close(fig)
+
+
+def test_previews_are_the_decoded_x0_of_the_first_middle_and_last_step(pipe):
+    fig = viz.draw_text_to_image(pipe, "a red circle", num_inference_steps=5, seed=1,
+                                 num_previews=3)
+    states = list(pipe.denoising_steps("a red circle", num_inference_steps=5, guidance_scale=4.0,
+                                       seed=1, progress=False))
+    # DDIM, leading spacing with offset 1: 801, 601, 401, 201, 1 → steps 0, 2, 4
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["x̂_0 at t = 801", "x̂_0 at t = 401",
+                                                       "x̂_0 at t = 1"]
+    for ax, step in zip(fig.axes[:3], (0, 2, 4)):
+        guess = pipe.decode(states[step].pred_original_sample, output_type="pt")[0] * 2 - 1
+        np.testing.assert_allclose(shown(ax), viz.to_image(guess), atol=1e-6)
+    assert fig.axes[-1].get_title().endswith("DDIMScheduler, 5 steps, s = 4, seed 1")
+    plt.close(fig)
+
+
+def test_no_previews_and_fewer_steps_than_previews(pipe):
+    alone = viz.draw_text_to_image(pipe, "red", num_inference_steps=2, num_previews=0)
+    assert len(alone.axes) == 1
+    crowded = viz.draw_text_to_image(pipe, "red", num_inference_steps=2, num_previews=6)
+    assert len(crowded.axes) == 3                               # one preview per step at most
+    plt.close("all")
+
+
+def test_bad_input_fails_clearly(pipe):
+    with pytest.raises(ValueError, match="num_previews must be ≥ 0"):
+        viz.draw_text_to_image(pipe, "red", num_previews=-1)
+    with pytest.raises(ValueError, match="ddim"):               # lists the known schedulers
+        viz.draw_text_to_image(pipe, "red", num_inference_steps=2, scheduler="plms")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        viz.draw_text_to_image(pipe, "red", num_inference_steps=0)
