@@ -22,6 +22,11 @@ merges; the ids are the 256 byte symbols, the same 256 with ``</w>``, one per me
 (48,894), then the two special tokens: 49,408 ids. A diffusers ``tokenizer/`` folder holds
 the same vocabulary as ``vocab.json`` (token → id) and ``merges.txt``.
 Matches OpenAI's ``clip/simple_tokenizer.py`` and transformers' ``CLIPTokenizer``.
+
+Where merges come from: `learn_bpe` learns them from a corpus by counting adjacent symbol
+pairs and merging the most frequent one, again and again (Sennrich et al. 2016). The bundled
+shapes model's tokenizer is about 150 merges learned this way from the world's captions;
+`CLIPTokenizer.from_merges` gives it the same layout as OpenAI's vocabulary.
 """
 
 import gzip
@@ -30,6 +35,8 @@ import itertools
 import json
 import re
 import warnings
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import ftfy
@@ -69,6 +76,78 @@ def clean_text(text: str) -> str:
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def pre_tokens(text: str) -> list[str]:
+    """Steps 1–3: `text` cleaned, split by `PATTERN`, each pre-token's UTF-8 bytes spelled with
+    `bytes_to_unicode`'s characters. "Café, 2 cats" → ["cafÃ©", ",", "2", "cats"]."""
+    byte_encoder = bytes_to_unicode()
+    return ["".join(byte_encoder[b] for b in token.encode("utf-8"))
+            for token in PATTERN.findall(clean_text(text))]
+
+
+def merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
+    """Replace every occurrence of the adjacent symbols `pair` in `word` by their
+    concatenation, left to right: (["a", "a", "a</w>"], ("a", "a")) → ["aa", "a</w>"]."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def learn_bpe(texts: Iterable[str], num_merges: int | None = None,
+              min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Learn a byte-level BPE merge list from a corpus (Sennrich et al. 2016, Algorithm 1,
+    on CLIP's pre-tokens, as CLIP's own vocabulary was learned).
+
+    1. Count the words: each text goes through `pre_tokens` (cleaning, CLIP's pattern, byte
+       symbols), exactly as the tokenizer will see it; special tokens are skipped. A word
+       starts as its symbols, the last marked ``</w>``: "red" → r e d</w>.
+    2. Count every adjacent pair of symbols over all words, each word weighted by how often
+       it occurs ("red" × 10 → (r, e) and (e, d</w>) 10 times each).
+    3. The most frequent pair becomes the next merge (ties: the pair that sorts first); it
+       is merged in every word (`merge_pair`), so new, longer symbols can pair up.
+    4. Repeat 2–3 until `num_merges` merges are learned or no pair occurs `min_frequency`
+       times. Merges never cross a word boundary, so with enough merges every word of the
+       corpus becomes one symbol, and the learning stops by itself.
+
+    Args:
+        texts: the corpus, any iterable of strings.
+        num_merges: at most this many merges (None: until step 4 stops it).
+        min_frequency: a pair rarer than this is not merged (≥ 1).
+    Returns:
+        the merges in rank order, e.g. [("r", "e"), ("re", "d</w>"), …]; the vocabulary is
+        `CLIPTokenizer.from_merges(merges)` (the 512 byte symbols stay in it, so words never
+        seen still tokenise, byte by byte).
+    Raises:
+        ValueError if num_merges < 0 or min_frequency < 1.
+    """
+    if num_merges is not None and num_merges < 0:
+        raise ValueError(f"num_merges must be >= 0 or None, got {num_merges}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    counts = Counter(token for text in texts for token in pre_tokens(text)
+                     if token not in (BOS, EOS))
+    words = {(*word[:-1], word[-1] + "</w>"): n for word, n in counts.items()}
+    merges = []
+    while num_merges is None or len(merges) < num_merges:
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < min_frequency:
+            break
+        merges.append(best)
+        words = {tuple(merge_pair(list(word), best)): n for word, n in words.items()}
+    return merges
 
 
 def _token_string(token) -> str:
@@ -131,10 +210,20 @@ class CLIPTokenizer:
         """
         with gzip.open(path, "rt", encoding="utf-8") as f:
             merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        return cls.from_merges([tuple(m.split()) for m in merges], **kwargs)
+
+    @classmethod
+    def from_merges(cls, merges: list[tuple[str, str]], **kwargs) -> "CLIPTokenizer":
+        """A tokenizer from a merge list alone, with CLIP's vocabulary layout: ids 0–255 the
+        byte symbols, 256–511 the same with ``</w>``, then one id per merge result in rank
+        order (a result that is already a token keeps its first id), then BOS and EOS.
+        Keyword arguments go to the constructor."""
         symbols = list(bytes_to_unicode().values())
-        tokens = [*symbols, *(s + "</w>" for s in symbols),
-                  *("".join(m.split()) for m in merges), BOS, EOS]
-        return cls({t: i for i, t in enumerate(tokens)}, merges, **kwargs)
+        vocab = {}
+        for token in [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges),
+                      BOS, EOS]:
+            vocab.setdefault(token, len(vocab))
+        return cls(vocab, [" ".join(m) for m in merges], **kwargs)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
@@ -193,25 +282,14 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(word):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+            word = merge_pair(word, best)
         self.cache[token] = word
         return word
 
     def tokenize(self, text: str) -> list[str]:
         """Clean, pre-tokenise, byte-map and BPE `text`: its pieces, without BOS/EOS.
         "a photo of a cat" → ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]."""
-        pieces = []
-        for token in PATTERN.findall(clean_text(text)):
-            pieces += self.bpe("".join(self.byte_encoder[b] for b in token.encode("utf-8")))
-        return pieces
+        return [piece for token in pre_tokens(text) for piece in self.bpe(token)]
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text`'s pieces, without BOS/EOS and without length limit."""

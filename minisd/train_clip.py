@@ -1,0 +1,336 @@
+"""Training the bundled CLIP on the shapes world, and measuring what it learned.
+
+`python -m minisd.train clip` does, in order:
+
+1. learns a BPE vocabulary from the captions of the train split (`learn_bpe`: 155 merges,
+   after which every word of the world is one token) — the tokenizer of the bundled model;
+2. builds a small `CLIPModel` (text tower of width 128 with 3 layers, which later conditions
+   the U-Net; a convolutional image tower) and trains it with the shared loop
+   (`minisd.train.train`) on (picture, caption) pairs with CLIP's symmetric InfoNCE loss,
+   1,000 steps of 128 pairs, a quarter of the pictures shown in grey (`contrastive_loss`);
+3. saves ``tokenizer/``, ``text_encoder/`` and ``clip_image/`` into the bundled model folder
+   and prints the evaluation below.
+
+Captions are tokenised to 77 ids, as SD does, then cut to the longest caption of the batch
+(`TokenizeCollate`): the text tower is causal and the loss reads the end-of-text position,
+so the padding after it changes neither the loss nor any gradient — the cut only saves
+the ~4× of compute that 77 positions would cost.
+
+Under torchrun each process holds a share of the batch, but InfoNCE compares every caption
+with every picture of the *global* batch: `contrastive_loss` gathers the unit vectors of all
+processes with an autograd-aware all_gather, so every process computes the same full loss;
+the gather's backward sums the processes' gradients and DDP's averaging divides by their
+number, which leaves exactly the one-process gradient.
+
+Evaluation on test pictures of one object (`zero_shot_accuracy`): for each picture, captions
+that differ only in one attribute (the six colours, the three shapes or the nine positions,
+everything else as in the picture) are ranked by similarity — CLIP's zero-shot classifier
+(Radford et al. 2021, §3.1.2), with the embeddings of three caption templates averaged
+(prompt ensembling, §3.1.4). `retrieval` measures text→image recall@1 among test pairs.
+"""
+
+import argparse
+import functools
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from minisd.clip import CLIPTextConfig
+from minisd.clip_model import CLIPConfig, CLIPImageConfig, CLIPModel, clip_loss
+from minisd.data import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, ShapesDataset
+from minisd.tokenizer import CLIPTokenizer, learn_bpe
+from minisd.train import TrainConfig, init_distributed, register, train
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
+
+
+def caption_corpus(num_captions: int = 20_000, seed: int = 0) -> list[str]:
+    """The captions of the first `num_captions` samples of the train split (no held-out
+    colour–shape pair among them, as in the rest of training)."""
+    data = ShapesDataset("train", num_samples=num_captions, seed=seed)
+    return [data.prompt(i).caption for i in range(num_captions)]
+
+
+def learn_tokenizer(num_captions: int = 20_000, seed: int = 0) -> CLIPTokenizer:
+    """A CLIPTokenizer whose merges are learned from `caption_corpus` (min frequency 2)."""
+    return CLIPTokenizer.from_merges(learn_bpe(caption_corpus(num_captions, seed)))
+
+
+def small_clip_config(tokenizer: CLIPTokenizer, hidden_size: int = 128,
+                      num_hidden_layers: int = 3, num_attention_heads: int = 4,
+                      projection_dim: int = 64) -> CLIPConfig:
+    """The bundled CLIP's configuration for a learned vocabulary: a text tower of
+    `hidden_size` (the U-Net's cross_attention_dim) with an MLP of 4× that, 77 positions,
+    quick_gelu as in SD v1; the default image tower."""
+    text = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size,
+                          intermediate_size=4 * hidden_size, projection_dim=projection_dim,
+                          num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=num_attention_heads, max_position_embeddings=77,
+                          pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    return CLIPConfig(text, CLIPImageConfig(), projection_dim=projection_dim)
+
+
+def tokenize_cropped(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Ids (B, L ≤ 77): the captions tokenised to 77, cut after the last column that holds
+    a caption's end-of-text. The pooled text vectors equal those of all 77 columns (the
+    tower is causal; see the module docstring)."""
+    ids = tokenizer(captions)                                          # (B, 77)
+    ends = (ids == tokenizer.eos_token_id).int().argmax(dim=1)
+    return ids[:, :int(ends.max()) + 1]
+
+
+class TokenizeCollate:
+    """DataLoader collate: [(picture, caption)] → (pictures (B, 3, 64, 64), ids (B, L)) with
+    `tokenize_cropped` ids. Picklable, so DataLoader workers can use it."""
+
+    def __init__(self, tokenizer: CLIPTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples):
+        pictures, captions = default_collate(samples)
+        return pictures, tokenize_cropped(self.tokenizer, list(captions))
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All processes' rows of x, in rank order, with gradients flowing back to each one's
+    own rows (torch.distributed.nn); x itself outside torchrun."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x))
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B (as Pillow's "L" mode)
+
+
+def grayscale(pictures: torch.Tensor) -> torch.Tensor:
+    """Pictures (B, 3, H, W) in [−1, 1] → their luma Y = 0.299 R + 0.587 G + 0.114 B,
+    repeated on the three channels: (B, 3, H, W) in [−1, 1]."""
+    weights = pictures.new_tensor(LUMA).view(1, 3, 1, 1)
+    return (pictures * weights).sum(dim=1, keepdim=True).expand_as(pictures)
+
+
+def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[str, torch.Tensor]:
+    """`train`'s loss_fn: clip_loss over the global batch (features gathered across
+    processes). batch = (pictures (b, 3, 64, 64), ids (b, L)) of this process.
+
+    With `grayscale_p` > 0 each picture is shown in grey with that probability, its caption
+    unchanged (random grayscale, as in SimCLR, Chen et al. 2020, App. A): to match such a
+    picture the image tower must read shapes without their colour, which lets it recognise
+    a shape in a colour it never saw it in (the held-out pairs). Draws from torch's global
+    generator only when grayscale_p > 0.
+
+    Returns {'loss', 'logit_scale' (exp t, the inverse temperature), 'accuracy' (share of
+    captions whose own picture scores highest in the batch)}."""
+    pictures, ids = batch
+    if grayscale_p > 0:
+        grey = torch.rand(len(pictures), device=pictures.device) < grayscale_p
+        pictures = torch.where(grey.view(-1, 1, 1, 1), grayscale(pictures), pictures)
+    image_embeds = _gather(F.normalize(model.get_image_features(pictures), dim=-1))
+    text_embeds = _gather(F.normalize(model.get_text_features(ids), dim=-1))
+    logits = model.similarity_logits(text_embeds, image_embeds)   # (B, B), global batch
+    labels = torch.arange(len(logits), device=logits.device)
+    return {"loss": clip_loss(logits), "logit_scale": model.logit_scale.exp().detach(),
+            "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+
+
+# ---- evaluation ----
+
+TEMPLATES = {  # three of the world's caption templates each, with first synonyms
+    "colour": ("{colour} {shape}", "a picture of a {colour} {shape}",
+               "a {size} {colour} {shape} {where}"),
+    "shape": ("{colour} {shape}", "a picture of a {colour} {shape}",
+              "a {size} {colour} {shape} {where}"),
+    "position": ("a {size} {colour} {shape} {where}", "{where} there is a {colour} {shape}",
+                 "{colour} {shape}, {pos}, {bg} background"),
+}
+CANDIDATES = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS}
+
+
+def caption_for(template: str, obj: SceneObject, background: str) -> str:
+    """Fill a caption template as the world does (data.describe), with first synonyms:
+    ("a {size} {colour} {shape} {where}", small orange circle at left) → "a small orange
+    circle on the left"."""
+    preposition = ("on the" if obj.position in ("left", "right") else
+                   "at the" if obj.position in ("top", "bottom") else "in the")
+    text = template.format(colour=obj.colour, shape=obj.shape, size=obj.size, bg=background,
+                           pos=obj.position, where=f"{preposition} {obj.position}")
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def single_object_indices(dataset: ShapesDataset, n: int) -> list[int]:
+    """The first `n` indices of `dataset` whose picture holds one object."""
+    found = [i for i in range(len(dataset)) if len(dataset.attributes(i).objects) == 1][:n]
+    if len(found) < n:
+        raise ValueError(f"the dataset has only {len(found)} one-object pictures, not {n}")
+    return found
+
+
+@torch.no_grad()
+def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, captions: list[str],
+                    batch_size: int = 512) -> torch.Tensor:
+    """Unit text vectors (N, P) of `captions`, in batches."""
+    device = next(model.parameters()).device
+    return torch.cat([F.normalize(model.get_text_features(
+        tokenize_cropped(tokenizer, captions[i:i + batch_size]).to(device)), dim=-1)
+        for i in range(0, len(captions), batch_size)])
+
+
+@torch.no_grad()
+def image_embeddings(model: CLIPModel, pictures: torch.Tensor,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Unit image vectors (N, P) of pictures (N, 3, 64, 64) in [−1, 1], in batches."""
+    device = next(model.parameters()).device
+    return torch.cat([F.normalize(model.get_image_features(
+        pictures[i:i + batch_size].to(device)), dim=-1)
+        for i in range(0, len(pictures), batch_size)])
+
+
+@torch.no_grad()
+def zero_shot_predictions(model: CLIPModel, tokenizer: CLIPTokenizer,
+                          scenes: list[Scene], pictures: torch.Tensor,
+                          attribute: str) -> list[str]:
+    """For each one-object picture (N, 3, 64, 64) with its `Scene`, the value of `attribute`
+    ("colour", "shape" or "position") whose captions — the picture's own attributes with
+    only that one changed, `TEMPLATES` averaged — are most similar to the picture.
+    Raises ValueError for another attribute or a scene with two objects."""
+    if attribute not in TEMPLATES:
+        raise ValueError(f"unknown attribute {attribute!r}; use one of {', '.join(TEMPLATES)}")
+    if any(len(s.objects) != 1 for s in scenes):
+        raise ValueError("zero-shot classification takes one-object scenes only")
+    values, templates = CANDIDATES[attribute], TEMPLATES[attribute]
+    captions = [caption_for(t, SceneObject(**{**vars(s.objects[0]), attribute: v}),
+                            s.background)
+                for s in scenes for v in values for t in templates]
+    text = text_embeddings(model, tokenizer, captions)
+    text = F.normalize(text.view(len(scenes), len(values), len(templates), -1).mean(2), dim=-1)
+    images = image_embeddings(model, pictures)                        # (N, P)
+    best = torch.einsum("np,nvp->nv", images, text).argmax(dim=1)
+    return [values[i] for i in best.tolist()]
+
+
+def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, dataset: ShapesDataset,
+                       indices: list[int]) -> dict[str, float]:
+    """Zero-shot accuracy per attribute (colour, shape, position) on the one-object
+    pictures `indices` of `dataset`; when some but not all of them hold a held-out
+    colour–shape pair, also separately for the pairs seen in training ('<attribute> seen
+    pairs') and the held-out ones ('<attribute> held out')."""
+    scenes = [dataset.attributes(i) for i in indices]
+    pictures = torch.stack([dataset[i][0] for i in indices])
+    held = torch.tensor([s.held_out for s in scenes])
+    result = {}
+    for attribute in TEMPLATES:
+        predicted = zero_shot_predictions(model, tokenizer, scenes, pictures, attribute)
+        right = torch.tensor([p == getattr(s.objects[0], attribute)
+                              for p, s in zip(predicted, scenes)], dtype=torch.float)
+        result[attribute] = right.mean().item()
+        if held.any() and not held.all():
+            result[f"{attribute} seen pairs"] = right[~held].mean().item()
+            result[f"{attribute} held out"] = right[held].mean().item()
+    return result
+
+
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def shows(scene: Scene, stated: Scene) -> bool:
+    """True if picture `scene` shows everything the prompt attributes `stated` say
+    (None = not said), reading a two-object relation either way round."""
+    if len(scene.objects) != len(stated.objects) or stated.background not in (
+            None, scene.background):
+        return False
+    readings = [(scene.objects, scene.relation)]
+    if scene.relation is not None:
+        readings.append((scene.objects[::-1], INVERSE[scene.relation]))
+    return any(relation == stated.relation and all(
+        s.shape == o.shape and s.colour == o.colour and s.size in (None, o.size)
+        and s.position in (None, o.position) for s, o in zip(stated.objects, objects))
+        for objects, relation in readings)
+
+
+def retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, dataset: ShapesDataset,
+              n: int = 100) -> dict[str, float]:
+    """Text→image retrieval among the first `n` (picture, caption) pairs of `dataset`:
+    'R@1' the share of captions whose own picture ranks first, 'R@5' within the first five,
+    'R@1 consistent' the share whose first picture shows everything the caption says (a
+    caption such as "a picture of a red circle" fits several pictures equally well)."""
+    pictures = torch.stack([dataset[i][0] for i in range(n)])
+    prompts = [dataset.prompt(i) for i in range(n)]
+    similarity = text_embeddings(model, tokenizer, [p.caption for p in prompts]) \
+        @ image_embeddings(model, pictures).T                          # (n texts, n images)
+    ranked = similarity.argsort(dim=1, descending=True)
+    own = torch.arange(n)[:, None]
+    first = ranked[:, 0].tolist()
+    return {"R@1": (ranked[:, :1] == own).any(1).float().mean().item(),
+            "R@5": (ranked[:, :5] == own).any(1).float().mean().item(),
+            "R@1 consistent": sum(shows(dataset.attributes(j), p.attributes)
+                                  for j, p in zip(first, prompts)) / n}
+
+
+def evaluate_clip(model: CLIPModel, tokenizer: CLIPTokenizer, num_images: int = 1000,
+                  seed: int = 0) -> dict[str, float]:
+    """Zero-shot accuracies on the first `num_images` one-object test pictures and
+    retrieval among the first 100 test pairs: the model card's figures."""
+    test = ShapesDataset("test", num_samples=max(4 * num_images, 100), seed=seed)
+    model.eval()
+    return {**zero_shot_accuracy(model, tokenizer, test, single_object_indices(test, num_images)),
+            **retrieval(model, tokenizer, test, 100)}
+
+
+# ---- the command line: python -m minisd.train clip ----
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=str(BUNDLED),
+                        help="model folder to write tokenizer/, text_encoder/, clip_image/ into")
+    parser.add_argument("--vocab-captions", type=int, default=20_000,
+                        help="train captions the BPE vocabulary is learned from")
+    parser.add_argument("--text-width", type=int, default=128,
+                        help="text tower width (the U-Net's cross_attention_dim)")
+    parser.add_argument("--text-layers", type=int, default=3, help="text tower layers")
+    parser.add_argument("--projection-dim", type=int, default=64,
+                        help="width of the joint text–image space")
+    parser.add_argument("--grayscale", type=float, default=0.25,
+                        help="probability of showing a training picture in grey")
+    parser.add_argument("--eval-images", type=int, default=1000,
+                        help="one-object test pictures for the zero-shot accuracies (0: none)")
+
+
+@register("clip", help="learn the BPE vocabulary of the shapes world's captions and train the "
+                       "bundled CLIP (text and image towers) contrastively",
+          defaults=TrainConfig(steps=1000, batch_size=128, lr=2e-3, warmup_steps=100,
+                               weight_decay=0.1, out_dir="runs/clip", checkpoint_every=500,
+                               name="clip"),
+          add_arguments=_add_arguments)
+def train_clip(config: TrainConfig, args: argparse.Namespace):
+    """Learn the vocabulary, train, save into `args.output` and print the evaluation
+    (rank 0 only under torchrun). Returns (model, tokenizer, metrics)."""
+    start = time.perf_counter()
+    tokenizer = learn_tokenizer(args.vocab_captions, config.seed)
+    torch.manual_seed(config.seed)
+    model = CLIPModel(small_clip_config(tokenizer, args.text_width, args.text_layers,
+                                        projection_dim=args.projection_dim))
+    loss_fn = functools.partial(contrastive_loss, grayscale_p=args.grayscale)
+    result = train(model, loss_fn, ShapesDataset("train", seed=config.seed), config,
+                   collate_fn=TokenizeCollate(tokenizer))
+    minutes = (time.perf_counter() - start) / 60
+    if init_distributed().rank != 0:
+        return result.model, tokenizer, {}
+    model = result.model.cpu().eval()
+    tokenizer.save_pretrained(Path(args.output) / "tokenizer")
+    model.save_pretrained(args.output)
+    last = result.history["loss"][-100:]
+    print(f"clip: {result.step} steps in {minutes:.1f} min; vocabulary {tokenizer.vocab_size} "
+          f"tokens ({len(tokenizer.merges)} merges); mean loss of the last {len(last)} steps "
+          f"{sum(last) / len(last):.4f}; saved to {args.output}")
+    metrics = evaluate_clip(model, tokenizer, args.eval_images, config.seed) \
+        if args.eval_images else {}
+    for name, value in metrics.items():
+        print(f"  {name:<20} {value:.3f}")
+    return model, tokenizer, metrics
