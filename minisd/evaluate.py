@@ -21,7 +21,9 @@ do the reading with no learned model, by image analysis alone (`read`):
 `score` compares one reading with a prompt's attributes; `evaluate` generates pictures for
 many prompts and reports accuracy per attribute, for two-object binding (both colour–shape
 pairs and the relation right) and separately for prompts with a held-out pair.
-Command line: `python -m minisd.evaluate --dataset` measures the judge on real samples.
+Command line: `python -m minisd.evaluate --dataset` measures the judge on real samples;
+`python -m minisd.evaluate --model data/minisd-shapes` judges a model's pictures for the 200
+test prompts (`evaluate_model`), the table of the bundled model's card.
 """
 
 import argparse
@@ -60,6 +62,7 @@ FILL_RANGE = (0.4, 1.05)  # no shape of the world fills less of its box
 ASPECT_RANGE = (0.67, 1.5)  # every shape of the world has a square box
 SIZE_THRESHOLD = sum(SIZES.values()) / 2  # px: box side below → small
 SIZE_RANGE = (4.0, 28.0)  # box sides outside this are no size of the world
+GUIDANCE_SCALE = 4.0  # classifier-free guidance of `--model` runs (the bundled model's card)
 ATTRIBUTES = ("count", "colour", "shape", "size", "position", "background", "relation",
               "binding", "overall")
 
@@ -346,22 +349,80 @@ def judge_dataset(split: str = "test", num_samples: int = 2000, seed: int = 0,
     return summarise(scores, held_out)
 
 
+def pipeline_generate_fn(pipe, num_inference_steps: int = 25,
+                         guidance_scale: float = GUIDANCE_SCALE, seed: int = 0,
+                         scheduler: str | None = None):
+    """A `generate_fn` for `evaluate` from a `minisd.pipeline.StableDiffusionPipeline`: the
+    k-th caption it is given (counting over calls) gets the noise of seed `seed + k`, so a
+    picture does not depend on the batch size. Returns tensors (B, 3, H, W) in [−1, 1]."""
+    done = 0
+
+    def generate(captions: list[str]) -> torch.Tensor:
+        nonlocal done
+        generators = [torch.Generator().manual_seed(seed + done + i) for i in range(len(captions))]
+        done += len(captions)
+        images = pipe(captions, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, generator=generators, scheduler=scheduler,
+                      output_type="pt", progress=False).images
+        return images * 2 - 1
+    return generate
+
+
+def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int = 25,
+                   guidance_scale: float = GUIDANCE_SCALE, seed: int = 0,
+                   scheduler: str | None = None, prompt_seed: int = 0, batch_size: int = 50,
+                   device=None, progress: bool = True, print_table: bool = True) -> dict:
+    """Judge a text-to-image model on `minisd.data.evaluation_prompts(num_prompts,
+    prompt_seed)`: the bundled model by default, or a model folder (anything
+    `StableDiffusionPipeline.from_pretrained` loads). Pictures at the U-Net's native size,
+    `num_inference_steps` of the folder's scheduler (or `scheduler`, a name) with
+    classifier-free guidance `guidance_scale`, prompt k with seed `seed + k`.
+    Returns the dict of `evaluate`."""
+    from minisd.data import evaluation_prompts
+    from minisd.pipeline import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32,
+                                                   device=device)
+    generate = pipeline_generate_fn(pipe, num_inference_steps, guidance_scale, seed, scheduler)
+    return evaluate(generate, evaluation_prompts(num_prompts, prompt_seed), batch_size,
+                    progress, print_table)
+
+
 def main(argv=None):
     """`python -m minisd.evaluate --dataset [--split test] [--num-samples 2000] [--seed 0]
-    [--json PATH]`."""
+    [--json PATH]` measures the judge on real samples; `python -m minisd.evaluate --model
+    data/minisd-shapes [--num-prompts 200] [--steps 25] [--guidance 4] [--scheduler NAME]
+    [--seed 0] [--json PATH]` judges a model's pictures for the test prompts."""
     parser = argparse.ArgumentParser(prog="python -m minisd.evaluate", description=(
         "Prompt adherence on the shapes world, judged by image analysis."))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", action="store_true",
                         help="judge real samples of the world (measures the judge itself)")
+    source.add_argument("--model", help="judge the pictures of this model folder (e.g. "
+                                        "data/minisd-shapes) for the test prompts")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--dataset: the world's seed; --model: the seed of the first "
+                             "prompt's noise (prompt k uses seed + k)")
+    parser.add_argument("--num-prompts", type=int, default=200, help="--model: test prompts")
+    parser.add_argument("--steps", type=int, default=25, help="--model: denoising steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE,
+                        help="--model: classifier-free guidance scale")
+    parser.add_argument("--scheduler", default=None,
+                        help="--model: ddim, euler, dpmpp_2m, … (default: the model's own)")
+    parser.add_argument("--device", default=None, help="--model: cpu, cuda, mps (default: best)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    results = judge_dataset(args.split, args.num_samples, args.seed)
-    print(f"judge on {args.num_samples} real {args.split} samples (seed {args.seed}):")
-    print(format_table(results))
+    if args.model is not None:
+        print(f"{args.model}: {args.num_prompts} test prompts, {args.steps} steps, guidance "
+              f"{args.guidance}, scheduler {args.scheduler or 'of the model'}, seed {args.seed}")
+        results = evaluate_model(args.model, args.num_prompts, args.steps, args.guidance,
+                                 args.seed, args.scheduler, device=args.device)
+    else:
+        results = judge_dataset(args.split, args.num_samples, args.seed)
+        print(f"judge on {args.num_samples} real {args.split} samples (seed {args.seed}):")
+        print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

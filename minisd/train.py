@@ -596,7 +596,7 @@ def _train_toy(config: TrainConfig, args: argparse.Namespace) -> TrainResult:
 
 
 if __name__ == "__main__":
-    from minisd import train_clip  # noqa: F401  (registers clip)
+    from minisd import train_clip, train_unet, train_vae  # noqa: F401  (register clip, vae, unet, all)
     from minisd.train import main as _main  # the package's module, where trainers register
 
     _main()

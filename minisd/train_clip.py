@@ -64,10 +64,11 @@ def learn_tokenizer(num_captions: int = 20_000, seed: int = 0) -> CLIPTokenizer:
 
 def small_clip_config(tokenizer: CLIPTokenizer, hidden_size: int = 128,
                       num_hidden_layers: int = 3, num_attention_heads: int = 4,
-                      projection_dim: int = 64) -> CLIPConfig:
+                      projection_dim: int = 64,
+                      image_config: CLIPImageConfig | None = None) -> CLIPConfig:
     """The bundled CLIP's configuration for a learned vocabulary: a text tower of
     `hidden_size` (the U-Net's cross_attention_dim) with an MLP of 4× that, 77 positions,
-    quick_gelu as in SD v1; the default image tower."""
+    quick_gelu as in SD v1; `image_config` (default: the default image tower)."""
     text = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size,
                           intermediate_size=4 * hidden_size, projection_dim=projection_dim,
                           num_hidden_layers=num_hidden_layers,
@@ -75,7 +76,7 @@ def small_clip_config(tokenizer: CLIPTokenizer, hidden_size: int = 128,
                           pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id)
-    return CLIPConfig(text, CLIPImageConfig(), projection_dim=projection_dim)
+    return CLIPConfig(text, image_config or CLIPImageConfig(), projection_dim=projection_dim)
 
 
 def tokenize_cropped(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:

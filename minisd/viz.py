@@ -6,6 +6,8 @@ shows the widget in a Jupyter kernel and degrades to the static picture at the w
 default values anywhere else (case C24).
 """
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -247,6 +249,118 @@ def draw_sample(pipe, prompt, scheduler: str = "dpmpp_2m", num_inference_steps: 
         ax.text(0.5, -0.04, "judge: all right" if verdict["overall"]
                 else "judge: wrong " + ", ".join(wrong),
                 transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _attention_title(maps, step) -> str:
+    if step is None:
+        return f"mean of {len(maps.timesteps)} steps"
+    return f"step {step}, t = {float(maps.timesteps[step]):g}"
+
+
+def draw_token_maps(maps, steps=None, size: float = 1.6):
+    """The picture and the cross-attention map of every token of its prompt, in a row.
+
+    maps: a `minisd.attention_maps.CrossAttentionMaps`; steps: which steps to average
+    (None: all). Each map is scaled to its own maximum (brighter: more attention). Returns
+    the Figure.
+    """
+    n = len(maps.tokens)
+    fig, axes = plt.subplots(1, n + 1, figsize=(size * (n + 1), size + 0.4))
+    axes[0].imshow(to_image(maps.image), interpolation="nearest")
+    axes[0].set_title("picture", fontsize=9)
+    for i, ax in enumerate(axes[1:]):
+        ax.imshow(maps.token_map(i, steps).numpy(), cmap="inferno")
+        ax.set_title(maps.tokens[i].strip().replace("<|", "").replace("|>", ""), fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def draw_cross_attention(maps, token: int, step: int | None = None):
+    """One token's cross-attention map at one denoising step (None: averaged over all),
+    beside the picture and laid over it. maps: a `CrossAttentionMaps`; token: its index in
+    `maps.tokens`. Raises IndexError for a token or step out of range. Returns the Figure."""
+    if step is not None and not 0 <= step < len(maps.timesteps):
+        raise IndexError(f"step {step} out of range for {len(maps.timesteps)} steps")
+    heat = maps.token_map(token, step).numpy()
+    picture = to_image(maps.image)
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    axes[0].imshow(picture, interpolation="nearest")
+    axes[0].set_title("picture", fontsize=9)
+    shown = axes[1].imshow(heat, cmap="inferno")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046)
+    axes[1].set_title(f"{maps.tokens[token].strip()!r}: {_attention_title(maps, step)}",
+                      fontsize=9)
+    axes[2].imshow(picture, interpolation="nearest")
+    axes[2].imshow(heat, cmap="inferno", alpha=0.6)
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def draw_similarity(similarity: torch.Tensor, pictures, captions, size: float = 0.7):
+    """An (N_text, N_image) similarity matrix as a heatmap: the pictures (each (3, H, W) in
+    [−1, 1]) above their columns, the captions beside their rows, each row's best picture
+    outlined. Raises ValueError if the sizes disagree. Returns the Figure."""
+    similarity = similarity.detach().float().cpu()
+    pictures, captions = list(pictures), list(captions)
+    if similarity.shape != (len(captions), len(pictures)):
+        raise ValueError(f"similarity has shape {tuple(similarity.shape)}, expected "
+                         f"({len(captions)} captions, {len(pictures)} pictures)")
+    n_text, n_image = similarity.shape
+    fig = plt.figure(figsize=(3.2 + size * n_image, size * (n_text + 1.2)))
+    grid = fig.add_gridspec(2, 1, height_ratios=[1, n_text], hspace=0.05,
+                            left=2.9 / (3.2 + size * n_image), right=0.98, top=0.98,
+                            bottom=0.2 / (n_text + 1.2))
+    strip = fig.add_subplot(grid[0])
+    strip.imshow(np.concatenate([to_image(p) for p in pictures], axis=1),
+                 interpolation="nearest", extent=(-0.5, n_image - 0.5, 0, 1), aspect="auto")
+    strip.axis("off")
+    heat = fig.add_subplot(grid[1])
+    heat.imshow(similarity.numpy(), cmap="viridis", aspect="auto")
+    for row, col in enumerate(similarity.argmax(dim=1).tolist()):
+        heat.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        for c in range(n_image):
+            heat.text(c, row, f"{similarity[row, c]:.0f}", ha="center", va="center",
+                      fontsize=7, color="white")
+    heat.set_yticks(range(n_text), [textwrap.shorten(c, 42) for c in captions], fontsize=8)
+    heat.set_xticks([])
+    return fig
+
+
+def draw_prompt_matches(prompt: str, tokenizer, model, pictures: torch.Tensor,
+                        image_embeds: torch.Tensor, k: int = 6):
+    """A prompt's tokens and the `k` pictures a CLIP model finds most similar to it.
+
+    prompt: any text; tokenizer: a `CLIPTokenizer`; model: a `CLIPModel`; pictures
+    (N, 3, H, W) in [−1, 1] with their unit image vectors image_embeds (N, P) (from
+    `model.get_image_features`, normalised). The title lists each piece with its id; each
+    picture is titled with its cosine similarity. Raises ValueError if k is not in 1…N or
+    the two tensors disagree in N. Returns the Figure.
+    """
+    if len(pictures) != len(image_embeds):
+        raise ValueError(f"{len(pictures)} pictures but {len(image_embeds)} image vectors")
+    if not 1 <= k <= len(pictures):
+        raise ValueError(f"k={k}; choose 1…{len(pictures)}")
+    ids = tokenizer(prompt)                                                # (1, 77)
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(model.get_text_features(ids), dim=-1)[0]
+    scores, best = (image_embeds.float() @ text.float()).topk(k)
+    pieces = [f"{piece.replace('</w>', '_')}:{i}"
+              for piece, i in zip(tokenizer.tokenize(prompt), tokenizer.encode(prompt))]
+    header = (f"{len(pieces)} tokens + BOS/EOS, padded to {ids.shape[1]}:  "
+              + "  ".join(pieces[:30]) + (" …" if len(pieces) > 30 else ""))
+    fig, axes = plt.subplots(1, k, figsize=(1.7 * k, 2.6), squeeze=False)
+    for ax, value, index in zip(axes[0], scores.tolist(), best.tolist()):
+        ax.imshow(to_image(pictures[index]), interpolation="nearest")
+        ax.set_title(f"#{index}: {value:.2f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(textwrap.fill(header, 24 * k), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,231 @@
+"""Tests of the bundled VAE's recipe (minisd.train_vae), the committed VAE in
+data/minisd-shapes/vae, and the latent interpolation picture (minisd.viz)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from minisd import viz
+from minisd.data import ShapesDataset
+from minisd.train import TrainConfig
+from minisd.train_vae import (
+    BUNDLED_FOLDER,
+    bundled_vae_config,
+    evaluate_reconstructions,
+    format_evaluation,
+    latent_std,
+    psnr,
+    train_vae,
+    vae_loss_fn,
+)
+from minisd.vae import WEIGHTS_NAME, AutoencoderKL, DiagonalGaussianDistribution, vae_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_VAE = BUNDLED_FOLDER / "vae"
+# Measured on the committed VAE (see data/minisd-shapes/README.md): mean PSNR of the first
+# 64 test pictures; the test allows 0.5 dB less (float rounding across machines is far smaller).
+BUNDLED_PSNR_64 = None
+
+
+def tiny_config():
+    """Two levels (f = 2), 8 and 16 channels: a VAE that trains a step in milliseconds."""
+    return bundled_vae_config((8, 16), norm_num_groups=4)
+
+
+def quiet(**overrides) -> TrainConfig:
+    return TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False,
+                          "device": "cpu", **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 3-step run of the recipe on a tiny config, saved (float16) to a temporary folder."""
+    folder = tmp_path_factory.mktemp("tiny") / "vae"
+    result = train_vae(quiet(), tiny_config(), output=folder, train_samples=32,
+                       scale_samples=12, eval_samples=0)
+    return folder, result
+
+
+# The recipe
+
+
+def test_recipe_trains_saves_float16_and_reloads(tiny_run):
+    folder, result = tiny_run
+    assert len(result.history["loss"]) == 3 and result.evaluation is None
+    for key in ("reconstruction", "kl"):
+        assert len(result.history[key]) == 3
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL"
+    assert config["block_out_channels"] == [8, 16] and config["latent_channels"] == 4
+    with safe_open(folder / WEIGHTS_NAME, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f} == {torch.float16}
+    reloaded = AutoencoderKL.from_pretrained(folder)
+    assert next(reloaded.parameters()).dtype == torch.float32
+    assert reloaded.scaling_factor == config["scaling_factor"] == result.vae.scaling_factor
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, result.vae.state_dict()[key], rtol=0, atol=0)
+
+
+def test_saved_vae_loads_in_diffusers_and_agrees(tiny_run):
+    diffusers = pytest.importorskip("diffusers")
+    folder, result = tiny_run
+    theirs = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    assert theirs.config.scaling_factor == pytest.approx(result.vae.scaling_factor, rel=1e-12)
+    x = ShapesDataset("test", 2)[0][0][None]
+    with torch.no_grad():
+        ours = result.vae.encode(x)
+        reference = theirs.encode(x).latent_dist
+        torch.testing.assert_close(ours.mean, reference.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.vae.decode(ours.mean),
+                                   theirs.decode(reference.mean).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_factor_is_one_over_the_std_of_training_latents():
+    result = train_vae(quiet(seed=3), tiny_config(), output=None, train_samples=32,
+                       scale_samples=12, eval_samples=0)
+    vae = result.vae
+    images = torch.stack([ShapesDataset("train", 32)[i][0] for i in range(12)])
+    with torch.no_grad():
+        z = vae.encode(images).sample(torch.Generator().manual_seed(3))  # seed = config.seed
+        assert vae.scaling_factor == pytest.approx(1 / z.flatten().std().item(), rel=1e-5)
+        scaled = vae.encode_latents(images, torch.Generator().manual_seed(3))
+    assert scaled.std().item() == pytest.approx(1.0, rel=1e-5)
+    assert vae.scaling_factor != 1.0  # the placeholder of bundled_vae_config was replaced
+
+
+def test_scale_samples_must_fit_the_training_set():
+    with pytest.raises(ValueError, match="scale_samples must be in"):
+        train_vae(quiet(), tiny_config(), output=None, train_samples=32, scale_samples=33)
+
+
+def test_loss_fn_is_vae_loss_on_a_sampled_latent():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny_config())
+    images = torch.stack([ShapesDataset("train", 2)[i][0] for i in range(2)])
+    torch.manual_seed(1)
+    terms = vae_loss_fn(kl_weight=1e-3, reconstruction="l2")(vae, (images, ["a", "b"]))
+    assert set(terms) == {"loss", "reconstruction", "kl"}
+    torch.manual_seed(1)  # the same ε: z = μ + σ·ε is drawn from torch's global generator
+    posterior = vae.encode(images)
+    expected = vae_loss(images, vae.decode(posterior.sample()), posterior, 1e-3, "l2")
+    for key, value in expected._asdict().items():
+        torch.testing.assert_close(terms[key], value)
+    assert terms["loss"].item() == pytest.approx(
+        terms["reconstruction"].item() + 1e-3 * terms["kl"].item(), rel=1e-6)
+
+
+class FixedLatents(nn.Module):
+    """A stand-in VAE whose posterior mean is `values`, with σ = exp(−15) ≈ 3e-7."""
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__()
+        self.values = values
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def encode(self, x):
+        mean = self.values[:len(x)]
+        return DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -30.0)], 1))
+
+
+def test_latent_std_is_the_std_of_all_latent_elements():
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(1, 4, 1, 1).repeat(3, 1, 2, 2)
+    std = latent_std(FixedLatents(values), ShapesDataset("train", 3), batch_size=2)
+    # 12 copies each of 1, 3, 5, 7: mean 4, unbiased variance 240/47
+    assert std == pytest.approx(math.sqrt(240 / 47), rel=1e-6)
+
+
+def test_psnr_exact_values():
+    x = torch.zeros(2, 3, 4, 4)
+    y = x.clone()
+    y[0] += 0.2  # 0.1 in [0, 1] everywhere: MSE 0.01, 20 dB
+    y[1, :, :2] = 2.0  # clamped to 1.0: 0.5 in [0, 1] on half the pixels: MSE 0.125
+    values = psnr(x, y)
+    torch.testing.assert_close(values, torch.tensor([20.0, 10 * math.log10(8.0)]))
+    assert psnr(x, x).isinf().all()
+
+
+class Identity(nn.Module):
+    """A perfect 'VAE': z = x, decode(z) = z."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return DiagonalGaussianDistribution(torch.cat([x, torch.full_like(x, -30.0)], 1))
+
+    def decode(self, z):
+        return z
+
+
+class Blank(Identity):
+    """Decodes everything to a flat mid-gray picture."""
+
+    def decode(self, z):
+        return torch.zeros_like(z)
+
+
+def test_evaluation_of_a_perfect_and_a_blank_reconstruction():
+    perfect = evaluate_reconstructions(Identity(), num_samples=10, batch_size=4)
+    assert perfect["psnr"] == math.inf and perfect["num_samples"] == 10
+    assert perfect["judge_reconstruction"] == perfect["judge_original"]
+    assert set(perfect["agreement"].values()) == {1.0}
+    assert {"count", "colour", "shape", "size", "position", "background"} <= set(
+        perfect["agreement"])
+
+    blank = evaluate_reconstructions(Blank(), num_samples=10, batch_size=4)
+    assert blank["judge_reconstruction"]["count"] == 0.0  # nothing stands out from gray
+    assert blank["agreement"]["count"] == 1 - blank["judge_original"]["count"]
+    assert blank["psnr"] < 15
+    table = format_evaluation(blank)
+    assert "reconstruction PSNR on 10 test pictures" in table and "count" in table
+
+
+def test_command_line_target_vae(tmp_path):
+    """`python -m minisd.train vae` is registered and writes a loadable folder."""
+    folder = tmp_path / "vae"
+    command = [sys.executable, "-m", "minisd.train", "vae", "--steps", "2", "--batch-size", "4",
+               "--device", "cpu", "--no-progress", "--out-dir", "none", "--output", str(folder),
+               "--block-out-channels", "8", "16", "--norm-num-groups", "4",
+               "--train-samples", "16", "--scale-samples", "8", "--eval-samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "vae: " in run.stdout and "2 steps" in run.stdout and "saved" in run.stdout
+    vae = AutoencoderKL.from_pretrained(folder)
+    assert vae.config.block_out_channels == (8, 16)
+
+
+# The interpolation picture
+
+
+def test_draw_latent_interpolation_decodes_the_blended_means():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny_config()).eval()
+    data = ShapesDataset("test", 2)
+    a, b = data[0][0], data[1][0]
+    for t in (0.0, 0.25):
+        fig = viz.draw_latent_interpolation(vae, a, b, t)
+        panels = [ax.images[0].get_array() for ax in fig.axes]
+        with torch.no_grad():
+            means = vae.encode(torch.stack([a, b])).mode()
+            expected = vae.decode(((1 - t) * means[0] + t * means[1])[None])[0]
+        assert len(panels) == 4
+        torch.testing.assert_close(torch.as_tensor(panels[2]),
+                                   torch.as_tensor(viz.to_image(expected)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.as_tensor(panels[1]),
+                                   torch.as_tensor(viz.to_image((1 - t) * a + t * b)),
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.as_tensor(panels[0]), torch.as_tensor(viz.to_image(a)))
+        viz.plt.close(fig)
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):
+        viz.draw_latent_interpolation(vae, a, b, 1.5)
