@@ -13,6 +13,7 @@ The schedule values match diffusers' `DDPMScheduler` for the same config (tested
 """
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -31,15 +32,22 @@ def make_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0001,
       ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2) with s = 0.008, β_t = 1 − ᾱ(t+1)/ᾱ(t) capped
       at 0.999; `beta_start`/`beta_end` are ignored.
 
-    Raises ValueError for an unknown schedule name (listing the known ones) or a
-    non-positive number of steps.
+    Raises ValueError for an unknown schedule name (listing the known ones), a number of
+    steps that is not a positive integer, or β values outside 0 < beta_start ≤ beta_end < 1.
     """
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; "
                          f"choose one of {', '.join(BETA_SCHEDULES)}")
-    if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
+    whole = isinstance(num_train_timesteps, numbers.Integral) or (
+        isinstance(num_train_timesteps, float) and num_train_timesteps.is_integer())
+    if isinstance(num_train_timesteps, bool) or not whole or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
     T = int(num_train_timesteps)
+    if beta_schedule != "squaredcos_cap_v2" and not (
+            isinstance(beta_start, numbers.Real) and isinstance(beta_end, numbers.Real)
+            and 0 < beta_start <= beta_end < 1):
+        raise ValueError(f"need 0 < beta_start ≤ beta_end < 1, got beta_start={beta_start!r}, "
+                         f"beta_end={beta_end!r} (SD v1 uses 0.00085 and 0.012)")
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
@@ -59,8 +67,11 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     Algorithm 1: shift √ᾱ so its last value is 0 and scale it so its first value is
     unchanged, then turn the new ᾱ back into β. Returns a new (T,) tensor; the input is
     not modified. With it the last β is 1, so samplers that divide by ᾱ (Euler's σ)
-    must clamp it (see the schedulers).
+    must clamp it (see the schedulers). Raises ValueError for fewer than 2 steps.
     """
+    if betas.ndim != 1 or len(betas) < 2:
+        raise ValueError(f"rescale_zero_terminal_snr needs a 1-D schedule of at least 2 steps, "
+                         f"got shape {tuple(betas.shape)}")
     sqrt_ac = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
     sqrt_ac = (sqrt_ac - last) * first / (first - last)
@@ -106,8 +117,13 @@ class NoiseSchedule:
 
     @classmethod
     def from_betas(cls, betas) -> "NoiseSchedule":
-        """A schedule with the given β values (a sequence or a (T,) tensor)."""
+        """A schedule with the given β values (a sequence or a (T,) tensor, each in (0, 1]).
+        Its `to_config()` describes the default schedule, not these betas. Raises ValueError
+        for an empty, non-1-D or out-of-range sequence."""
         betas = torch.as_tensor(betas, dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a non-empty 1-D sequence of values in (0, 1], got "
+                             f"shape {tuple(betas.shape)}")
         schedule = cls(num_train_timesteps=len(betas))
         schedule._set_betas(betas)
         return schedule
@@ -130,8 +146,8 @@ class NoiseSchedule:
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point or t.dtype.is_complex:
             if not torch.equal(t, t.round()):
-                raise ValueError(f"timesteps must be whole numbers, got {t.tolist()}; "
-                                 "t indexes the training schedule (0 … T−1)")
+                raise ValueError(f"timesteps must be whole numbers, got {t.flatten()[:8].tolist()}"
+                                 "…; t indexes the training schedule (0 … T−1)")
         elif t.dtype == torch.bool:
             raise ValueError("timesteps must be integers, got a bool tensor")
         if t.ndim == 0:
@@ -141,7 +157,9 @@ class NoiseSchedule:
                              f"(or be a single number), got shape {tuple(t.shape)}")
         T = self.num_train_timesteps
         if t.numel() and (t.min() < 0 or t.max() > T - 1):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.tolist()}")
+            bad = t[(t < 0) | (t > T - 1)]
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {bad[:8].tolist()}"
+                             + (f" and {len(bad) - 8} more" if len(bad) > 8 else ""))
         return t.long()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
@@ -155,13 +173,21 @@ class NoiseSchedule:
             x_t, the shape, dtype and device of x0. ᾱ is cast to x0's dtype first, as
             diffusers does, so half-precision results match it.
         Raises:
-            ValueError for mismatched shapes or bad timesteps.
+            ValueError for mismatched shapes or devices, non-float inputs (e.g. uint8
+            pictures) or bad timesteps.
         """
         if x0.shape != noise.shape:
             raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} "
                              f"and {tuple(noise.shape)}")
         if x0.ndim == 0:
             raise ValueError("x0 needs a batch dimension: shape (B, ...)")
+        if not (x0.is_floating_point() and noise.is_floating_point()):
+            raise ValueError(f"x0 and noise must be float tensors, got {x0.dtype} and {noise.dtype}"
+                             "; convert pictures first, e.g. x0 = pixels.float() / 127.5 - 1")
+        if x0.device != noise.device:
+            raise ValueError(f"x0 is on {x0.device} but noise is on {noise.device}; "
+                             "put them on the same device")
+        noise = noise.to(x0.dtype)
         t = self.check_timesteps(t, x0.shape[0]).to(x0.device)
         ac = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
         ac = ac.reshape(-1, *([1] * (x0.ndim - 1)))

@@ -131,3 +131,42 @@ def test_from_config_reads_sd_v1_scheduler_config_and_ignores_extra_keys():
     s = NoiseSchedule.from_config(config)
     assert s.to_config() == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                              "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"beta_start": 0.02, "beta_end": 0.0001}, "beta_start ≤ beta_end"),
+    ({"beta_start": -0.1}, "0 < beta_start"),
+    ({"beta_end": 1.5}, "beta_end < 1"),
+    ({"beta_start": "0.1"}, "beta_start='0.1'"),
+    ({"num_train_timesteps": True}, "positive integer"),
+    ({"num_train_timesteps": "abc"}, "positive integer"),
+    ({"num_train_timesteps": None}, "positive integer"),
+    ({"num_train_timesteps": 2.5}, "positive integer"),
+    ({"num_train_timesteps": 1, "rescale_betas_zero_snr": True}, "at least 2 steps"),
+])
+def test_bad_schedule_configs_are_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule(**config)
+
+
+@pytest.mark.parametrize("betas", [[], [[0.1, 0.2]], [0.5, 1.5], [0.0, 0.1]])
+def test_from_betas_refuses_bad_values(betas):
+    with pytest.raises(ValueError, match="betas must be"):
+        NoiseSchedule.from_betas(betas)
+
+
+def test_add_noise_refuses_integer_pictures_instead_of_rounding_alphas_to_zero():
+    pixels = torch.full((2, 3), 200, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="float tensors.*127.5"):
+        NoiseSchedule().add_noise(pixels, torch.zeros(2, 3, dtype=torch.uint8), 5)
+
+
+def test_add_noise_returns_the_dtype_of_x0_whatever_the_noise_dtype():
+    x0 = torch.zeros(2, 3, dtype=torch.float16)
+    assert NoiseSchedule().add_noise(x0, torch.ones(2, 3), 5).dtype == torch.float16
+
+
+def test_long_timestep_errors_stay_short():
+    with pytest.raises(ValueError) as info:
+        NoiseSchedule().add_noise(torch.zeros(5000, 1), torch.zeros(5000, 1), torch.full((5000,), 2000))
+    assert len(str(info.value)) < 200 and "4992 more" in str(info.value)
