@@ -66,7 +66,7 @@ def test_recipe_trains_saves_float16_and_reloads(tiny_run):
     assert config["_class_name"] == "AutoencoderKL"
     assert config["block_out_channels"] == [8, 16] and config["latent_channels"] == 4
     with safe_open(folder / WEIGHTS_NAME, "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
     reloaded = AutoencoderKL.from_pretrained(folder)
     assert next(reloaded.parameters()).dtype == torch.float32
     assert reloaded.scaling_factor == config["scaling_factor"] == result.vae.scaling_factor
