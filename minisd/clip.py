@@ -207,12 +207,41 @@ class CLIPTextModel(nn.Module):
                 nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
 
+    def _check_ids(self, input_ids):
+        """The checks of `forward` on input_ids: a non-empty integer tensor (B, L) of
+        vocabulary ids, at most max_position_embeddings long."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (B, L), got "
+                            f"{type(input_ids).__name__}; make them with CLIPTokenizer")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
+                or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids (int64), got "
+                            f"{input_ids.dtype}; make them with CLIPTokenizer, or convert "
+                            "with ids.long() if the values are whole numbers")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}; "
+                             "for one prompt use ids[None] (CLIPTokenizer returns (B, L))")
+        B, L = input_ids.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"input_ids is empty, shape {(B, L)}; give at least one prompt of "
+                             "at least BOS and EOS (CLIPTokenizer makes them)")
+        if L > cfg.max_position_embeddings:
+            raise ValueError(f"{L} tokens, but the model has only {cfg.max_position_embeddings}"
+                             " positions; tokenise with max_length="
+                             f"{cfg.max_position_embeddings}")
+        low, high = input_ids.min().item(), input_ids.max().item()
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got {low}…{high}: "
+                             "use the tokenizer that belongs to this text encoder")
+
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> CLIPTextOutput:
         """Encode token ids.
 
         Args:
-            input_ids: int64 (B, L), L ≤ max_position_embeddings (77), as made by
-                `CLIPTokenizer`; every row must contain the end-of-text id.
+            input_ids: token ids (B, L), an integer tensor (int64 from `CLIPTokenizer`),
+                B ≥ 1, 1 ≤ L ≤ max_position_embeddings (77); every row must contain the
+                end-of-text id.
             clip_skip: which layer's output becomes `last_hidden_state`: 1 the last (the
                 default, SD v1), 2 the penultimate, …, always passed through the final
                 LayerNorm (case C15; the "clip skip" of A1111 and ComfyUI — diffusers'
@@ -221,18 +250,16 @@ class CLIPTextModel(nn.Module):
             `CLIPTextOutput`: last_hidden_state (B, L, D), pooler_output (B, D),
             hidden_states (N + 1 tensors (B, L, D)); float, in the model's dtype.
         Raises:
-            ValueError if L is too long, an id is outside the vocabulary, a row has no
-            end-of-text id, or clip_skip is not in 1…N.
+            TypeError if input_ids is not an integer tensor (e.g. float ids) or clip_skip is
+            not an int; ValueError if input_ids is not (B, L), is empty, L is too long, an id
+            is outside the vocabulary, a row has no end-of-text id, or clip_skip is not in 1…N.
         """
-        B, L = input_ids.shape
+        self._check_ids(input_ids)
         cfg = self.config
-        if L > cfg.max_position_embeddings:
-            raise ValueError(f"{L} tokens, but the model has only {cfg.max_position_embeddings}"
-                             " positions; tokenise with max_length="
-                             f"{cfg.max_position_embeddings}")
-        if input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got "
-                             f"{input_ids.min().item()}…{input_ids.max().item()}")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+            raise TypeError(f"clip_skip must be an int from 1 (last layer) to "
+                            f"{cfg.num_hidden_layers}, got {clip_skip!r} "
+                            f"({type(clip_skip).__name__})")
         if not 1 <= clip_skip <= cfg.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip}; use 1 (last layer) to "
                              f"{cfg.num_hidden_layers}")
@@ -240,7 +267,8 @@ class CLIPTextModel(nn.Module):
         if not is_eos.any(dim=1).all():
             raise ValueError(f"a row of input_ids has no end-of-text id {self.eos_token_id}; "
                              "make the ids with CLIPTokenizer")
-        x = self.embeddings(input_ids)                                  # (B, L, D)
+        B = input_ids.shape[0]
+        x = self.embeddings(input_ids.long())                           # (B, L, D)
         hidden_states = [x]
         for layer in self.encoder.layers:
             x = layer(x)                                                # (B, L, D)

@@ -45,6 +45,9 @@ __all__ = ["CLIPConfig", "CLIPImageConfig", "CLIPImageEncoder", "CLIPModel", "CL
            "clip_loss"]
 
 IMAGE_FOLDER, TEXT_FOLDER = "clip_image", "text_encoder"
+# Pictures are in [−1, 1]; resampling (bicubic, Lanczos) may overshoot a little, so the image
+# tower refuses only values beyond ±PIXEL_LIMIT, which 0–255 pixels reach unless nearly black.
+PIXEL_LIMIT = 1.5
 
 
 @dataclass
@@ -119,7 +122,9 @@ class CLIPImageEncoder(nn.Module):
     (a tower that downsampled with strided convolutions from the start learned shapes far
     more slowly). Then the whole feature grid is flattened (not averaged, so where an object
     is survives) → LayerNorm → linear `proj` to hidden_size.
-    Raises ValueError for pictures of the wrong channel count or size.
+    Raises TypeError for pictures that are not a float tensor (e.g. uint8); ValueError for
+    an empty batch, pictures of the wrong channel count or size, or values clearly outside
+    [−1, 1] (beyond ±`PIXEL_LIMIT`, e.g. 0–255; resampling may overshoot ±1 a little).
     """
 
     def __init__(self, config: CLIPImageConfig):
@@ -137,10 +142,25 @@ class CLIPImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pictures must be a torch.Tensor (B, C, H, W) in [-1, 1], got "
+                            f"{type(pixel_values).__name__}; convert with torch.as_tensor")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pictures must be a float tensor in [-1, 1], got "
+                            f"{pixel_values.dtype}; convert 0–255 pixels with "
+                            "pixels.float() / 127.5 - 1")
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pictures must have shape (B, {', '.join(map(str, expected))}),"
                              f" got {tuple(pixel_values.shape)}")
+        if len(pixel_values) == 0:
+            raise ValueError("no pictures: the batch is empty, shape "
+                             f"{tuple(pixel_values.shape)}; give at least one")
+        low, high = (v.item() for v in pixel_values.detach().aminmax())
+        if low < -PIXEL_LIMIT or high > PIXEL_LIMIT:
+            raise ValueError(f"pictures must lie in [-1, 1], got values {low:.4g}…{high:.4g}; "
+                             "map 0–255 pixels with x / 127.5 - 1 and 0–1 pixels with "
+                             "x * 2 - 1")
         x = pixel_values
         for block in self.blocks:
             x = block(x)                                        # (B, c, H/2, W/2)
@@ -192,7 +212,9 @@ class CLIPModel(nn.Module):
         return self.logit_scale.clamp(max=math.log(100)).exp() * text_embeds @ image_embeds.T
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> CLIPOutput:
-        """Similarities of every caption (B_t, L) with every picture (B_i, 3, 64, 64)."""
+        """Similarities of every caption (B_t, L) int64 with every picture (B_i, 3, 64, 64),
+        float in [−1, 1]. Raises the errors of `CLIPTextModel.forward` for bad ids and of
+        `CLIPImageEncoder` for bad pictures (uint8, 0–255, wrong size)."""
         text_embeds = F.normalize(self.get_text_features(input_ids), dim=-1)
         image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
         logits = self.similarity_logits(text_embeds, image_embeds)

@@ -299,23 +299,33 @@ class CLIPTokenizer:
         """Token ids for a prompt or a batch of prompts.
 
         Args:
-            prompts: a string or a list of B strings.
-            max_length: sequence length L (default `model_max_length`, 77 for CLIP), ≥ 2.
+            prompts: a string or a list (or tuple) of B strings.
+            max_length: sequence length L, an int ≥ 2 (default `model_max_length`, 77).
         Returns:
             int64 tensor (B, L): BOS, the prompt's ids, EOS, then the pad id up to L.
             A prompt longer than L − 2 tokens keeps its first L − 2, EOS stays last, and a
             warning names the dropped text (case C14).
         Raises:
-            TypeError if a prompt is not a string; ValueError if max_length < 2.
+            TypeError if prompts is not a str or a list of str (e.g. None, an int, bytes) or
+            max_length is not an int; ValueError if max_length < 2.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got "
+                            f"{type(prompts).__name__}"
+                            + ("; decode bytes first, e.g. text.decode('utf-8')"
+                               if isinstance(prompts, bytes) else ""))
         length = self.model_max_length if max_length is None else max_length
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"max_length must be an int >= 2 (77 for CLIP), got {length!r}")
         if length < 2:
             raise ValueError(f"max_length={length} leaves no room for BOS and EOS; use >= 2")
         ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.int64)
         for row, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise TypeError(f"prompt {row} is a {type(prompt).__name__}, not a string")
+                raise TypeError(f"prompt {row} is a {type(prompt).__name__}, not a string; "
+                                "prompts must be a str or a list of str")
             tokens = self.encode(prompt)
             if len(tokens) > length - 2:
                 warnings.warn(f"prompt {row} has {len(tokens)} tokens, more than the "
@@ -327,11 +337,31 @@ class CLIPTokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Ids (a list or a 1-D tensor) back to text: pieces joined, bytes decoded as UTF-8
-        (invalid sequences → U+FFFD), each ``</w>`` read as a space. The text is the cleaned,
-        lower-cased prompt. BOS, EOS and the pad token are left out unless
-        `skip_special_tokens` is False. Raises KeyError for an id outside the vocabulary."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        """The ids of one prompt (a list of ints or a 1-D integer tensor (L,)) back to text:
+        pieces joined, bytes decoded as UTF-8 (invalid sequences → U+FFFD), each ``</w>``
+        read as a space. The text is the cleaned, lower-cased prompt. BOS, EOS and the pad
+        token are left out unless `skip_special_tokens` is False. For a batch (B, L), decode
+        one row at a time: ``[tok.decode(row) for row in ids]``.
+        Raises TypeError for ids that are not integers; ValueError for ids that are not one
+        row (e.g. (B, L)) or an id outside the vocabulary."""
+        if not isinstance(ids, torch.Tensor):
+            try:
+                ids = torch.tensor(list(ids))
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError("decode takes the ids of one prompt, a list of ints or a 1-D "
+                                f"tensor; got {ids!r:.60}") from None
+        if ids.numel() and (ids.is_floating_point() or ids.is_complex()
+                            or ids.dtype == torch.bool):
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        if ids.ndim != 1:
+            raise ValueError(f"decode takes the ids of one prompt (L,), got shape "
+                             f"{tuple(ids.shape)}; for a batch decode one row at a time: "
+                             "[tokenizer.decode(row) for row in ids]")
+        ids = ids.tolist()
+        unknown = sorted({i for i in ids if i not in self.decoder})
+        if unknown:
+            raise ValueError(f"ids {unknown[:5]} are not in the vocabulary of {self.vocab_size} "
+                             "tokens; were they made by another tokenizer?")
         special = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
         pieces = [self.decoder[i] for i in ids if not (skip_special_tokens and i in special)]
         words = "".join(pieces).split("</w>")

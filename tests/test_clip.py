@@ -3,6 +3,7 @@ the SD v1 parameter count, pooling at the first EOS, clip skip (C15), state-dict
 (C16), attention recording, saving and loading, bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -204,3 +205,35 @@ def test_bad_input():
         ours(torch.tensor([[98, 5, 6]]))
     with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
         CLIPTextModel(CLIPTextConfig(hidden_act="relu"))
+
+
+def test_bad_ids_name_the_problem_and_the_fix():
+    _, ours = small_pair()
+    ids = torch.tensor([[98, 5, 99]])
+    # float ids are refused as such, not reported as "no end-of-text id"
+    with pytest.raises(TypeError, match=r"integer token ids \(int64\), got torch.float32; "
+                                        r"make them with CLIPTokenizer, or convert with ids.long"):
+        ours(ids.float())
+    with pytest.raises(TypeError, match="got torch.bool"):
+        ours(ids.bool())
+    with pytest.raises(TypeError, match="must be a torch.Tensor of token ids .* got list"):
+        ours(ids.tolist())
+    with pytest.raises(ValueError, match=r"shape \(B, L\), got \(3,\); for one prompt use "
+                                         r"ids\[None\]"):
+        ours(ids[0])
+    with pytest.raises(ValueError, match=r"shape \(B, L\), got \(1, 1, 3\)"):
+        ours(ids[None])
+    for empty in (torch.zeros(0, 3, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"input_ids is empty, shape \({empty.shape[0]}, "
+                                             rf"{empty.shape[1]}\); give at least one prompt"):
+            ours(empty)
+    # other integer dtypes are fine and give the same result as int64
+    close(ours(ids.int()).last_hidden_state, ours(ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("bad", [2.0, "2", True, None])
+def test_clip_skip_must_be_an_int(bad):
+    _, ours = small_pair()
+    with pytest.raises(TypeError, match=rf"clip_skip must be an int from 1 \(last layer\) to 3, "
+                                        rf"got {re.escape(repr(bad))}"):
+        ours(torch.tensor([[98, 5, 99]]), clip_skip=bad)

@@ -119,3 +119,25 @@ def test_bad_input_and_files(tmp_path):
         (tmp_path / "clip_image" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=r"text_projection.weight has shape \(8, 16\) in .* but \(16, 16\)"):
         CLIPModel.from_pretrained(tmp_path / "other")
+
+
+def test_pictures_must_be_float_in_minus_one_to_one():
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_config()).eval()
+    ids, pictures = tiny_batch()
+    pixels = ((pictures + 1) * 127.5).round()                  # the same pictures in 0–255
+    pixels[0, 0, 0, :2] = torch.tensor([0.0, 255.0])
+    with pytest.raises(TypeError, match=r"float tensor in \[-1, 1\], got torch.uint8; "
+                                        r"convert 0–255 pixels with pixels.float\(\) / 127.5 - 1"):
+        model(ids, pixels.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\], got values 0…255; "
+                                         r"map 0–255 pixels with x / 127.5 - 1"):
+        model(ids, pixels)
+    with pytest.raises(ValueError, match=r"got values -2…2"):
+        model.get_image_features(torch.linspace(-2, 2, 16).expand(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="must be a torch.Tensor .* got ndarray"):
+        model.get_image_features(pictures.numpy())
+    with pytest.raises(ValueError, match=r"no pictures: the batch is empty, shape \(0, 3, 16, 16\)"):
+        model.get_image_features(pictures[:0])
+    # a small overshoot, as resampling makes, is accepted
+    assert model.get_image_features(pictures * 1.2).shape == (3, 8)

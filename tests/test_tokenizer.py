@@ -3,6 +3,7 @@ of cases C12–C14, OpenAI's text cleaning, loading and saving, bad input."""
 
 import json
 import random
+import re
 import warnings
 
 import pytest
@@ -281,3 +282,50 @@ def test_bad_input(tok, folder, tmp_path):
     del vocab["photo</w>"]
     with pytest.raises(ValueError, match="photo</w>"):
         CLIPTokenizer(vocab, [" ".join(m) for m in tok.merges])
+
+
+@pytest.mark.parametrize("bad, name", [(None, "NoneType"), (3, "int"), (b"a cat", "bytes")])
+def test_prompts_must_be_str_or_list_of_str(tok, bad, name):
+    with pytest.raises(TypeError, match=f"prompts must be a str or a list of str, got {name}"):
+        tok(bad)
+
+
+def test_bytes_prompt_suggests_decoding(tok):
+    with pytest.raises(TypeError, match=r"got bytes; decode bytes first, e.g. text.decode"):
+        tok(b"a cat")
+    with pytest.raises(TypeError, match="prompt 1 is a bytes, not a string; prompts must be"):
+        tok(["a cat", b"a dog"])
+    assert tok(("a cat", "a dog")).shape == (2, 77)     # a tuple is a list of prompts too
+
+
+@pytest.mark.parametrize("bad", [1.5, 77.0, "77", True])
+def test_max_length_must_be_an_int(tok, bad):
+    with pytest.raises(TypeError, match=rf"max_length must be an int >= 2 \(77 for CLIP\), "
+                                        rf"got {re.escape(repr(bad))}"):
+        tok("a cat", max_length=bad)
+    with pytest.raises(ValueError, match=r"max_length=-3 leaves no room for BOS and EOS"):
+        tok("a cat", max_length=-3)
+
+
+def test_decode_takes_one_row(tok):
+    ids = tok(["a cat", "a dog"])
+    for batch in (ids, ids.tolist()):
+        with pytest.raises(ValueError, match=r"ids of one prompt \(L,\), got shape \(2, 77\); "
+                                             r"for a batch decode one row at a time"):
+            tok.decode(batch)
+    assert [tok.decode(row) for row in ids] == ["a cat", "a dog"]
+    with pytest.raises(TypeError, match=r"a list of ints or a 1-D tensor; got \[\[320\], "):
+        tok.decode([[320], [2368, 320]])
+    with pytest.raises(TypeError, match="token ids must be integers, got torch.float32"):
+        tok.decode(torch.tensor([320.0, 2368.0]))
+    assert tok.decode([]) == "" and tok.decode((320, 2368)) == "a cat"
+
+
+def test_decode_refuses_unknown_ids(tok):
+    with pytest.raises(ValueError, match=r"ids \[-1, 49408\] are not in the vocabulary of "
+                                         r"49408 tokens"):
+        tok.decode([320, 49408, -1, 2368])
+    shapes = CLIPTokenizer.from_merges([("c", "a"), ("ca", "t</w>")])
+    assert shapes.vocab_size == 516
+    with pytest.raises(ValueError, match=r"ids \[2368\] are not in the vocabulary of 516"):
+        shapes.decode(tok.encode("a cat"))
