@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minisd.attention import record_attention
+from minisd.evaluate import read
 
 
 @dataclass
@@ -136,3 +137,53 @@ def cross_attention_maps(pipe, prompt: str, num_inference_steps: int = 25,
             latents = state.latents
     image = pipe.decode(latents, output_type="pt")[0].float().cpu() * 2 - 1
     return CrossAttentionMaps(tokens, torch.stack(maps), torch.tensor(timesteps), image, layers)
+
+
+@dataclass
+class PeakRate:
+    """What `colour_peak_rate` returns: `hits` of `tried` colour words whose map peaked
+    inside the drawn object of that colour; `rate` = hits / tried (nan when nothing was
+    tried); `skipped`: colour words with no object of that colour in the picture."""
+
+    hits: int
+    tried: int
+    skipped: int
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.tried if self.tried else float("nan")
+
+
+def colour_peak_rate(pipe, prompts, num_inference_steps: int = 10,
+                     guidance_scale: float = 4.0, seed: int = 0, margin: float = 1.0,
+                     keep: Callable[[str], bool] | None = None) -> PeakRate:
+    """How often the map of a colour word peaks inside the object of that colour.
+
+    For prompt k (`minisd.data.Prompt`s, e.g. `evaluation_prompts`), one picture is drawn
+    with seed `seed + k` (`cross_attention_maps`); the judge (`minisd.evaluate.read`) finds
+    its objects. For every colour the prompt names, if the picture holds an object of that
+    colour, the peak of the word's map (averaged over all steps) is a hit when it lies in
+    that object's box, grown by `margin` pixels; otherwise the word is skipped (the model
+    did not draw it, so there is nothing to point at). This is the check of Hertz et al.
+    2022 (Fig. 4) turned into a number.
+
+    Raises ValueError for an empty prompt list.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("colour_peak_rate needs at least one prompt")
+    hits = tried = skipped = 0
+    for k, prompt in enumerate(prompts):
+        maps = cross_attention_maps(pipe, prompt.caption, num_inference_steps, guidance_scale,
+                                    seed + k, keep=keep)
+        found = read(maps.image).objects
+        for wanted in prompt.attributes.objects:
+            drawn = [d for d in found if d.colour == wanted.colour]
+            if not drawn or wanted.colour not in [t.strip() for t in maps.tokens]:
+                skipped += 1
+                continue
+            x, y = maps.peak(wanted.colour)
+            tried += 1
+            hits += any(abs(x - d.x) <= d.width / 2 + margin and
+                        abs(y - d.y) <= d.height / 2 + margin for d in drawn)
+    return PeakRate(hits, tried, skipped)

@@ -23,7 +23,7 @@
 The network (`bundled_unet_config`): three levels of 24, 48, 48 channels at 16×16, 8×8 and
 4×4, one ResNet block per level, 0.9 M parameters. At 16×16 the transformer blocks attend
 only to the text (`only_cross_attention`): self-attention over 256 pixel tokens took most of
-a CPU training step (notes/calibration.md), cross-attention to 77 words is cheap. 8×8 and the
+a CPU training step, cross-attention to 77 words is cheap. 8×8 and the
 4×4 middle have self- and cross-attention. On a 2-core CPU the number of optimisation steps
 decides quality more than width, so the model is small and the run long.
 
@@ -319,7 +319,7 @@ def train_unet(config: TrainConfig, model: str | Path = BUNDLED_FOLDER,
     return unet
 
 
-DEFAULTS = TrainConfig(steps=5000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
+DEFAULTS = TrainConfig(steps=3600, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
                        schedule="cosine", weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
                        out_dir="runs/unet", checkpoint_every=500, name="unet")
 

@@ -514,7 +514,8 @@ class VAELoss(NamedTuple):
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussianDistribution,
-             kl_weight: float, reconstruction: str = "l1") -> VAELoss:
+             kl_weight: float, reconstruction: str = "l1",
+             weight: torch.Tensor | None = None) -> VAELoss:
     """The VAE training objective: reconstruction error + β·KL(q(z | x) ‖ N(0, I)).
 
     Both terms are summed over each picture (pixels / latent elements) and averaged over
@@ -529,10 +530,13 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussianDi
         posterior: q(z | x) from `encode(x)`.
         kl_weight: β ≥ 0.
         reconstruction: "l1" (|x − x̂|, as `ldm`) or "l2" ((x − x̂)²).
+        weight: optional per-pixel weights of the reconstruction error, broadcastable to
+            x's shape (e.g. (B, 1, H, W)); None weighs every pixel 1.
     Returns:
         a VAELoss (loss, reconstruction, kl) of 0-d tensors.
     Raises:
-        ValueError for mismatched shapes, an unknown reconstruction or a negative β.
+        ValueError for mismatched shapes, an unknown reconstruction, a negative β or a
+        weight that does not broadcast to x.
     """
     if x.shape != recon.shape:
         raise ValueError(f"x and recon must have the same shape, got {tuple(x.shape)} and "
@@ -542,6 +546,15 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussianDi
     if kl_weight < 0:
         raise ValueError(f"kl_weight (β) must be ≥ 0, got {kl_weight}")
     error = (recon - x).abs() if reconstruction == "l1" else (recon - x) ** 2
+    if weight is not None:
+        try:
+            fits = torch.broadcast_shapes(weight.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to the "
+                             f"pictures' {tuple(x.shape)}")
+        error = error * weight
     rec = error.flatten(1).sum(dim=1).mean()
     kl = posterior.kl().mean()
     return VAELoss(rec + kl_weight * kl, rec, kl)

@@ -2,6 +2,8 @@
 sums on a tiny random pipeline, token look-up, errors, and on the bundled model the rate at
 which a colour word's map peaks inside the object of that colour."""
 
+import math
+
 import matplotlib
 import pytest
 import torch
@@ -10,11 +12,14 @@ from minisd import viz
 from minisd.attention_maps import (
     CrossAttentionMaps,
     _layer_grid,
+    colour_peak_rate,
     cross_attention_layers,
     cross_attention_maps,
 )
 from minisd.clip import CLIPTextConfig, CLIPTextModel
-from minisd.pipeline import StableDiffusionPipeline
+from minisd.data import ShapesDataset, evaluation_prompts
+from minisd.evaluate import read
+from minisd.pipeline import BUNDLED_MODEL, StableDiffusionPipeline
 from minisd.schedulers import DDIMScheduler
 from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
 from minisd.train_unet import SD_V1_DDIM, bundled_unet_config
@@ -122,3 +127,43 @@ def test_draw_functions(tiny):
     assert "mean of 3 steps" in viz.draw_cross_attention(maps, token=2).axes[1].get_title()
     with pytest.raises(IndexError, match="step 3 out of range"):
         viz.draw_cross_attention(maps, token=1, step=3)
+
+
+def test_colour_peak_rate_counts_hits_misses_and_skips(monkeypatch):
+    ds = ShapesDataset("test", 40)
+    k = next(i for i in range(40) if len(ds.attributes(i).objects) == 2
+             and len({o.colour for o in ds.attributes(i).objects}) == 2)
+    prompt, image = ds.prompt(k), ds[k][0]
+    found = read(image).objects
+    first, second = (o.colour for o in prompt.attributes.objects)
+    target = next(d for d in found if d.colour == first)
+    maps = torch.zeros(1, 4, 64, 64)
+    maps[0, 1, int(target.y), int(target.x)] = 1.0  # the first colour peaks on its object
+    maps[0, 2, 0, 0] = 1.0  # the second peaks in a corner, where no object is drawn
+    fake = CrossAttentionMaps(["<|startoftext|>", first, second, "<|endoftext|>"], maps,
+                              torch.tensor([1.0]), image, [])
+    monkeypatch.setattr("minisd.attention_maps.cross_attention_maps", lambda *a, **k: fake)
+    result = colour_peak_rate(None, [prompt])
+    assert (result.hits, result.tried, result.skipped, result.rate) == (1, 2, 0, 0.5)
+    blank = CrossAttentionMaps(fake.tokens, maps, fake.timesteps, torch.zeros(3, 64, 64), [])
+    monkeypatch.setattr("minisd.attention_maps.cross_attention_maps", lambda *a, **k: blank)
+    result = colour_peak_rate(None, [prompt])  # nothing drawn: both words skipped
+    assert (result.hits, result.tried, result.skipped) == (0, 0, 2)
+    assert math.isnan(result.rate)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        colour_peak_rate(None, [])
+
+
+# Measured on the committed model (data/minisd-shapes/README.md): the first 12 test prompts,
+# 10 DDIM steps, guidance 4, seeds 0…11.
+MEASURED_PEAK_RATE = 10 / 13
+PEAK_MARGIN = 0.15
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "unet").is_dir(),
+                    reason="the bundled U-Net is trained by `python -m minisd.train unet`")
+def test_bundled_model_colour_words_land_on_their_objects():
+    pipe = StableDiffusionPipeline.from_pretrained(device="cpu")
+    result = colour_peak_rate(pipe, evaluation_prompts(12))
+    assert result.tried >= 8, result
+    assert result.rate >= MEASURED_PEAK_RATE - PEAK_MARGIN, result

@@ -257,6 +257,19 @@ def test_vae_loss_exact_values():
         vae_loss(x, recon, posterior, -1.0)
 
 
+def test_vae_loss_weighs_pixels():
+    x, recon = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 2.0)
+    posterior = DiagonalGaussianDistribution(torch.zeros(2, 8, 1, 1))
+    weight = torch.ones(2, 1, 4, 4)
+    weight[:, :, 0, 0] = 11.0  # one pixel (3 values) of each picture counts 11 times
+    terms = vae_loss(x, recon, posterior, 0.0, "l1", weight=weight)
+    assert terms.reconstruction.item() == 96.0 + 3 * 10 * 2.0
+    with pytest.raises(ValueError, match=r"weight of shape \(2, 1, 3, 3\) does not broadcast"):
+        vae_loss(x, recon, posterior, 0.0, weight=torch.ones(2, 1, 3, 3))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        vae_loss(x, recon, posterior, 0.0, weight=torch.ones(2, 3, 4, 4, 1))
+
+
 def test_forward_returns_reconstruction_and_posterior_for_the_loss():
     vae = AutoencoderKL(AutoencoderKLConfig(**{**PLAIN, "out_channels": 1}))
     x = randn(2, 1, 8, 8)
