@@ -11,6 +11,7 @@ so `--seed <its seed>` alone reproduces it.
 """
 
 import argparse
+import math
 import secrets
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Generate pictures from a text prompt.")
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("-o", "--output", default="out.png",
-                        help="PNG path (default: out.png); with --n > 1 the pictures are "
+                        help="PNG path in an existing folder (default: out.png); with --n > 1 the pictures are "
                              "numbered NAME-0.png, NAME-1.png, …")
     parser.add_argument("--negative", default="", help="what to steer away from (default: nothing)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
@@ -40,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler (default: the model's own)")
     parser.add_argument("--height", type=int, default=None,
-                        help="picture height, a multiple of 8 (default: the model's size)")
+                        help="picture height, a multiple of the VAE's factor: 8 for SD, 4 for "
+                             "the bundled model (default: the model's size)")
     parser.add_argument("--width", type=int, default=None,
-                        help="picture width, a multiple of 8 (default: the model's size)")
+                        help="picture width, a multiple of the VAE's factor (default: the "
+                             "model's size)")
     parser.add_argument("--n", type=int, default=1, help="how many pictures (default: 1)")
     parser.add_argument("--model", default=None,
                         help=f"model folder, SD v1 single file or Hub id (default: {BUNDLED_MODEL})")
@@ -64,6 +67,40 @@ def load(model: str | None, device: str | None, dtype: torch.dtype | None,
     return StableDiffusionPipeline.from_pretrained(model, **kwargs)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any model is loaded, what would fail late or do something unasked:
+    exits through `parser.error` (status 2) with a message naming the option."""
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    if not math.isfinite(args.guidance):
+        parser.error(f"--guidance must be a finite number, got {args.guidance}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive number of pixels, got {value}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        parser.error(f"-o/--output must be a .png file (the settings go in its text chunks), "
+                     f"got {args.output!r}")
+    if output.is_dir():
+        parser.error(f"-o/--output {args.output!r} is a folder; give a file name ending in .png")
+    if not output.parent.is_dir():
+        parser.error(f"-o/--output: the folder {str(output.parent)!r} does not exist; create it "
+                     f"first")
+    if args.device is not None:
+        kind = args.device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps"):
+            parser.error(f"--device must be cpu, cuda (or cuda:N) or mps, got {args.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only build, or no "
+                         "driver); leave --device out to use the best device there is")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            parser.error("--device mps: Apple's MPS is not available here; leave --device out "
+                         "to use the best device there is")
+
+
 def output_paths(output: str, n: int) -> list[Path]:
     path = Path(output)
     if n == 1:
@@ -75,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 with a message on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n must be at least 1, got {args.n}")
+    check_arguments(parser, args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     try:
         pipe = load(args.model, args.device, DTYPES.get(args.dtype), args.trust_pickle)
@@ -99,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                            ("model", model), ("size", f"{image.width}x{image.height}"),
                            ("software", "minisd")):
             info.add_text(key, str(value))
-        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=info)
         print(path)
     return 0

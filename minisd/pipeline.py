@@ -23,6 +23,8 @@ default, the model trained for this course in data/minisd-shapes/.
 """
 
 import copy
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -363,6 +365,10 @@ class StableDiffusionPipeline:
                              f"{num_inference_steps!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (e.g. 7.5), got "
+                             f"{guidance_scale!r}")
         if image is not None and not 0 <= strength <= 1:
             raise ValueError(f"strength must lie in [0, 1] (the fraction of the steps run on "
                              f"the image), got {strength}")
@@ -391,8 +397,12 @@ class StableDiffusionPipeline:
 
     def _latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple:
         f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
+        height = self.unet.config.sample_size * f if height is None else height
+        width = self.unet.config.sample_size * f if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < f:
+                raise ValueError(f"{name} must be a whole number of pixels, at least {f} and a "
+                                 f"multiple of {f} (the VAE's downsampling factor), got {value!r}")
         if height % f or width % f:
             def near(n):
                 below, above = n // f * f, (n // f + 1) * f
@@ -407,7 +417,8 @@ class StableDiffusionPipeline:
             return randn_tensor(shape, generator, self.device, self.dtype)
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)} (pictures, channels, "
-                             f"height/8, width/8), got {tuple(latents.shape)}")
+                             f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), "
+                             f"got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=self.dtype)
 
     def _scheduler(self, scheduler: str | Scheduler | None) -> Scheduler:
@@ -439,6 +450,9 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _prompt_list(prompt) -> list[str]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got "
+                        f"{type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("the prompt list is empty; pass a string or a list of strings")
@@ -464,6 +478,9 @@ def _generator(generator, seed: int | None):
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+                or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
         return torch.Generator("cpu").manual_seed(seed)
     return generator
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_pipeline import tiny_pipeline
 
@@ -24,6 +25,7 @@ def model(tmp_path_factory):
 
 def test_writes_pngs_with_their_settings(model, tmp_path, capsys):
     out = tmp_path / "pics" / "circle.png"
+    out.parent.mkdir()
     status = main(["a red circle on the left", "-o", str(out), "--model", str(model),
                    "--steps", "3", "--seed", "5", "--n", "2", "--guidance", "5",
                    "--negative", "blue", "--scheduler", "euler", "--device", "cpu",
@@ -76,6 +78,41 @@ def test_bad_options_are_clear_errors(model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["x", "--n", "0"])
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--height", "0"], "--height must be a positive number of pixels"),
+    (["--width", "-8"], "--width must be a positive number of pixels"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["-o", "noext"], "must be a .png file"),
+    (["-o", "picture.jpg"], "must be a .png file"),
+    (["--device", "tpu"], "--device must be cpu, cuda (or cuda:N) or mps"),
+])
+def test_options_refused_before_loading(options, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["x", *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_output_must_go_into_an_existing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["x", "-o", str(tmp_path / "missing" / "x.png")])
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(SystemExit):
+        main(["x", "-o", str(tmp_path / "folder.png")])
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine "
+                    "without CUDA")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["x", "--device", "cuda", "-o", str(tmp_path / "x.png")])
+    assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
 
 
 def test_single_files_go_through_from_single_file(model, tmp_path, capsys):

@@ -300,11 +300,27 @@ def test_c21_progress_false_writes_nothing(pipe, capfd):
     ({"latents": torch.zeros(1, 4, 4, 4)}, r"latents must have shape \(1, 4, 8, 8\)"),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
     ({"scheduler": "pndm"}, "unknown scheduler 'pndm'"),
+    ({"height": 0}, "height must be a whole number of pixels, at least 8"),
+    ({"width": -8}, "width must be a whole number of pixels"),
+    ({"height": 64.0}, "height must be a whole number of pixels"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": "7"}, "guidance_scale must be a finite number"),
+    ({"seed": 2 ** 70}, r"seed must be a whole number in \[0, 2\*\*63\)"),
+    ({"seed": 1.5}, "seed must be a whole number"),
 ])
 def test_bad_input_raises_clear_errors(pipe, kwargs, message):
     kwargs = {"prompt": "a red circle", "num_inference_steps": 2, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize("prompt", [None, 123, b"a red circle"])
+def test_prompts_that_are_not_strings_are_refused(pipe, prompt):
+    with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
+        pipe(prompt, num_inference_steps=2, progress=False)
+    with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
+        pipe("a red circle", negative_prompt=5, num_inference_steps=2, progress=False)
 
 
 def test_from_pretrained_defaults_to_the_bundled_model(pipe, tmp_path, monkeypatch):
