@@ -13,7 +13,7 @@ import timing
 import torch
 import transformers
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
 
 TINY = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, projection_dim=16,

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_data.py [--samples 5000]
 
 Prints samples/s of `ShapesDataset.__getitem__` (render + caption; the goal is ≥ 2,000/s,
-so training never waits on data) and pictures/s of `minisd.evaluate.score`, and writes
+so training never waits on data) and pictures/s of `minisd.shapes.evaluate.score`, and writes
 them to benchmarks/results/bench_data.json.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from minisd.data import ShapesDataset
-from minisd.evaluate import score
+from minisd.shapes.evaluate import score
+from minisd.shapes.world import ShapesDataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_data.json"
 

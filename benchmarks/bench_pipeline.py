@@ -22,9 +22,10 @@ import timing
 import torch
 import transformers
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel
-from minisd.pipeline import BUNDLED_MODEL, TRAIN_COMMAND, StableDiffusionPipeline
+from minisd.package_data import bundled_model
+from minisd.pipeline import StableDiffusionPipeline
 from minisd.schedulers import SCHEDULERS, from_name
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
@@ -62,7 +63,7 @@ def diffusers_scheduler(ours, folder: Path):
 
 def main(argv=None):
     p = timing.parser("pipeline", __doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="a model folder")
+    p.add_argument("--model", type=Path, default=None, help="a model folder")
     p.add_argument("--steps", type=int, help="denoising steps (default 25; 2 with --tiny)")
     args = timing.parse(p, argv)
     steps = args.steps or (2 if args.tiny else 25)
@@ -70,10 +71,9 @@ def main(argv=None):
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="minisd-bench-") as work:
-        folder = tiny_folder(Path(work) / "tiny") if args.tiny else args.model
+        folder = tiny_folder(Path(work) / "tiny") if args.tiny else args.model or bundled_model()
         if not (folder / "model_index.json").is_file():
-            p.exit(1, f"no model folder at {folder}; train the bundled model with "
-                      f"`{TRAIN_COMMAND}` or pass --model FOLDER (or --tiny)\n")
+            p.exit(1, f"no model folder at {folder}; pass --model FOLDER (or --tiny)\n")
         results = benchmark(folder, steps, args, Path(work))
     size = results[0]["picture"]
     payload = {"benchmark": "pipeline", "reference": "diffusers.StableDiffusionPipeline",

@@ -41,9 +41,9 @@ import timing
 import torch
 import transformers
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel
 from minisd.pipeline import StableDiffusionPipeline
 from minisd.schedulers import from_name
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig

@@ -3,7 +3,7 @@
     python -m minisd "a red circle on the left" -o out.png
     python -m minisd "a cat" --model path/to/v1-5-pruned-emaonly.safetensors --steps 25 --n 4
 
-Uses the bundled model (data/minisd-shapes) unless --model names a diffusers model folder, an
+Uses the bundled model (`minisd.package_data.bundled_model()`) unless --model names a diffusers model folder, an
 SD v1 single file (.safetensors, .ckpt) or a Hugging Face Hub id. Every PNG carries what
 made it in its text chunks (prompt, negative_prompt, seed, steps, guidance, scheduler,
 model, size): `PIL.Image.open(path).text` reads them back. Picture i of --n uses seed + i,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from minisd.pipeline import BUNDLED_MODEL, StableDiffusionPipeline
+from minisd.pipeline import StableDiffusionPipeline
 from minisd.schedulers import SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's size)")
     parser.add_argument("--n", type=int, default=1, help="how many pictures (default: 1)")
     parser.add_argument("--model", default=None,
-                        help=f"model folder, SD v1 single file or Hub id (default: {BUNDLED_MODEL})")
+                        help="model folder, SD v1 single file or Hub id (default: the bundled model)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: float16 on CUDA, float32 elsewhere")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minisd: error: {error}", file=sys.stderr)
         return 2
     scheduler = args.scheduler or type(pipe.scheduler).__name__
-    model = args.model or str(BUNDLED_MODEL)
+    model = args.model or "minisd-shapes (bundled)"
     for i, (image, path) in enumerate(zip(images, output_paths(args.output, args.n),
                                           strict=True)):
         info = PngInfo()

@@ -12,7 +12,7 @@ the picture's pixels and K, V from the text context (Rombach et al. 2022, §3.3)
 
 - `upcast=True` computes Q·Kᵀ and the softmax in float32 when the inputs are half
   precision: with q = k = 300 and d = 64, a logit is 64·300²/8 = 720,000, beyond float16's
-  65,504 (case C10).
+  65,504.
 - recording: inside `with record_attention(model) as rec:` every `Attention` module of
   `model` also computes its attention probabilities explicitly and stores them in
   `rec.maps`, for plots (e.g. per-token cross-attention maps). Only while recording.
@@ -63,7 +63,7 @@ def multi_head_attention(q, k, v, heads: int, mask=None, causal: bool = False,
         mask: optional attention mask broadcastable to (B, h, N, M), boolean (True = keep)
             or additive float.
         causal: mask out future positions (CLIP's text transformer).
-        upcast: compute in float32 when the inputs are float16/bfloat16 (C10).
+        upcast: compute in float32 when the inputs are float16/bfloat16.
         recorder: an `AttentionRecorder`; when given, the probabilities (B, h, N, M) are
             computed explicitly and stored under `name`.
     Returns:

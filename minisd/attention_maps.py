@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minisd.attention import record_attention
-from minisd.evaluate import read
+from minisd.shapes.evaluate import read
 
 
 @dataclass
@@ -159,8 +159,8 @@ def colour_peak_rate(pipe, prompts, num_inference_steps: int = 10,
                      keep: Callable[[str], bool] | None = None) -> PeakRate:
     """How often the map of a colour word peaks inside the object of that colour.
 
-    For prompt k (`minisd.data.Prompt`s, e.g. `evaluation_prompts`), one picture is drawn
-    with seed `seed + k` (`cross_attention_maps`); the judge (`minisd.evaluate.read`) finds
+    For prompt k (`minisd.shapes.world.Prompt`s, e.g. `evaluation_prompts`), one picture is drawn
+    with seed `seed + k` (`cross_attention_maps`); the judge (`minisd.shapes.evaluate.read`) finds
     its objects. For every colour the prompt names, if the picture holds an object of that
     colour, the peak of the word's map (averaged over all steps) is a hit when it lies in
     that object's box, grown by `margin` pixels; otherwise the word is skipped (the model

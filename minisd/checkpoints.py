@@ -33,10 +33,9 @@ Stable Diffusion weights come in two layouts.
    The same rules run backwards in `save_single_file`.
 
 Loading is strict: every parameter must be in the file and every tensor of the file must be
-used (a text encoder's `position_ids` buffer and the schedule buffers aside, cases C16,
-C17); otherwise a ValueError lists the missing and unexpected keys by the file's names.
+used (a text encoder's `position_ids` buffer and the schedule buffers aside); otherwise a ValueError lists the missing and unexpected keys by the file's names.
 Pickled files (`.ckpt`, `.bin`) are read with `torch.load(weights_only=True)`, which
-rebuilds tensors and plain containers but runs no code from the file (C18).
+rebuilds tensors and plain containers but runs no code from the file.
 """
 
 import json
@@ -51,9 +50,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel, text_encoder_state
-from minisd.schedulers import SCHEDULERS, Scheduler
+from minisd.schedulers import SCHEDULERS, SD_V1_SCHEDULER_CONFIG, Scheduler
 from minisd.state_dict import listed, load_strict
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel, text_encoder_state
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
@@ -89,11 +88,6 @@ SCHEDULE_BUFFERS = {
     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "model_ema.decay", "model_ema.num_updates"}
-# the scheduler of SD v1.x (v1-inference.yaml; runwayml/stable-diffusion-v1-5's
-# scheduler_config.json, whose PNDMScheduler minisd replaces by DEFAULT_SCHEDULER)
-SD_V1_SCHEDULER = {"_class_name": DEFAULT_SCHEDULER, "num_train_timesteps": 1000,
-                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                   "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
 # prefixes of checkpoints that are not SD v1, with what they are
 FOREIGN = {"conditioner.embedders.": "an SDXL checkpoint",
            "cond_stage_model.model.": "an SD 2.x checkpoint (OpenCLIP text encoder)",
@@ -108,7 +102,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     Args:
         path: a `.safetensors` file (never unpickled), or a pickled PyTorch file (`.ckpt`,
             `.bin`, `.pt`, `.pth`), read with `torch.load(weights_only=True)`: tensors,
-            numbers, strings and containers only, no code runs (case C18).
+            numbers, strings and containers only, no code runs.
         trust_pickle: the explicit opt-in to unpickle arbitrary Python objects
             (`weights_only=False`). Only for files from a source you trust: unpickling can
             run any code the file's author wrote.
@@ -447,10 +441,10 @@ def load_single_file(path: str | Path, config: str | Path | None = None,
                      device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
     """Load an original SD v1 single-file checkpoint (`.safetensors` or `.ckpt`).
 
-    The layouts accepted (case C17): keys flat at the top level or under `state_dict`;
+    The layouts accepted: keys flat at the top level or under `state_dict`;
     text-encoder keys under `cond_stage_model.transformer.text_model.` or, from older
     transformers, `cond_stage_model.transformer.` directly; with or without a
-    `position_ids` buffer (C16); schedule buffers (`betas`, `alphas_cumprod`, …) compared
+    `position_ids` buffer; schedule buffers (`betas`, `alphas_cumprod`, …) compared
     with the scheduler's and otherwise ignored (a mismatch warns).
 
     Args:
@@ -479,7 +473,7 @@ def load_single_file(path: str | Path, config: str | Path | None = None,
     _check_sd_v1(state, source)
     configs = _sd_v1_configs() if config is None else _configs_from_folder(Path(config))
     if config is None:
-        tokenizer, scheduler = CLIPTokenizer.openai(), load_scheduler(SD_V1_SCHEDULER)
+        tokenizer, scheduler = CLIPTokenizer.openai(), load_scheduler({**SD_V1_SCHEDULER_CONFIG, "_class_name": DEFAULT_SCHEDULER})
     else:
         tokenizer = load_tokenizer(Path(config) / "tokenizer")
         scheduler = load_scheduler(_read_json(Path(config) / "scheduler" /

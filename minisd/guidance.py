@@ -17,8 +17,7 @@ import torch
 def needs_unconditional_pass(guidance_scale: float) -> bool:
     """Whether guidance needs ε_u, i.e. whether the U-Net must also run without the prompt.
 
-    False only for s = 1, where ε̂ = ε_c exactly; s = 0 (ε̂ = ε_u) and 0 < s < 1 need it too
-    (case C11).
+    False only for s = 1, where ε̂ = ε_c exactly; s = 0 (ε̂ = ε_u) and 0 < s < 1 need it too.
     """
     return guidance_scale != 1
 
@@ -31,7 +30,7 @@ def classifier_free_guidance(noise_uncond: torch.Tensor, noise_text: torch.Tenso
         noise_uncond: ε_u, the prediction without the prompt, e.g. (B, 4, H/8, W/8).
         noise_text: ε_c, the prediction with the prompt, the same shape.
         scale: the guidance scale s. s = 1 returns ε_c exactly and s = 0 returns ε_u exactly
-            (case C11: ε_u = 0, ε_c = 1, s = 7.5 gives 7.5 everywhere).
+            (ε_u = 0, ε_c = 1, s = 7.5 gives 7.5 everywhere).
         guidance_rescale: φ in [0, 1] (Lin et al. 2023, §3.4): with σ the standard deviation
             over all but the batch dimension, ε̂ ← φ·ε̂·σ(ε_c)/σ(ε̂) + (1 − φ)·ε̂. The paper
             applies it to its v-predictions; diffusers, and this function, to the noise

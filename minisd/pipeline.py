@@ -37,15 +37,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from minisd import checkpoints
-from minisd.clip import CLIPTextModel
 from minisd.guidance import classifier_free_guidance, needs_unconditional_pass
+from minisd.package_data import bundled_model
 from minisd.schedulers import Scheduler, from_name, randn_tensor
+from minisd.text_encoder import CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionModel
 from minisd.vae import AutoencoderKL
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
-TRAIN_COMMAND = "python -m minisd.train all"
 OUTPUT_TYPES = ("pil", "pt", "latent")
 # what a hub download fetches: configs, tokenizer files and safetensors weights only
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
@@ -62,7 +61,7 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """float16 on CUDA (half the memory, tensor cores; the VAE decode is guarded, case C09),
+    """float16 on CUDA (half the memory, tensor cores; the VAE decode is guarded),
     float32 elsewhere."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -188,9 +187,9 @@ class StableDiffusionPipeline:
         """Text → the U-Net's context, batched as [negative…, positive…].
 
         Each prompt is tokenised to 77 ids (longer ones are cut with a warning naming the
-        dropped words, case C14) and encoded; each row is repeated `num_images_per_prompt`
+        dropped words) and encoded; each row is repeated `num_images_per_prompt`
         times. The negative half is left out when guidance needs no unconditional pass
-        (s = 1, case C11).
+        (s = 1).
         Returns (2B, 77, D), or (B, 77, D) without the negative half; B = prompts × images.
         """
         def encode(texts):
@@ -211,7 +210,7 @@ class StableDiffusionPipeline:
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"the image is {x.shape[-2]}×{x.shape[-1]}; height and width must "
                              f"be multiples of {f} (resize it, e.g. "
-                             "minisd.data.load_image(path, size=(h, w)))")
+                             "minisd.images.load_image(path, size=(h, w)))")
         if batch % x.shape[0]:
             raise ValueError(f"got {x.shape[0]} images for {batch} pictures; pass one image, "
                              "or one per prompt")
@@ -230,7 +229,7 @@ class StableDiffusionPipeline:
             latents: scaled latents (B, 4, h, w), as the denoising loop leaves them.
             output_type: 'pil' (a list of B PIL images), 'pt' (float32 (B, 3, 8h, 8w) in
                 [0, 1], on the pipeline's device) or 'latent' (the latents, unchanged).
-        Half-precision safety (case C09): when a decode in float16/bfloat16 gives NaN or inf,
+        Half-precision safety: when a decode in float16/bfloat16 gives NaN or inf,
         it is redone in float32 (on a float32 copy of the VAE) with a warning; pictures are
         never made of NaN turned to 0.
         Raises:
@@ -313,8 +312,8 @@ class StableDiffusionPipeline:
                 the U-Net's sample_size × 8 (512 for SD v1). Ignored with `image`.
             num_inference_steps: grid length n ≥ 1.
             guidance_scale: s of classifier-free guidance (Ho & Salimans 2022, SD's
-                convention); s = 1 runs one U-Net call per step without the negative half
-                (case C11), any other s one batched call on [negative, positive].
+                convention); s = 1 runs one U-Net call per step without the negative half,
+                any other s one batched call on [negative, positive].
             num_images_per_prompt: pictures per prompt; B = P × this.
             generator: a torch.Generator, or a list of B (one per picture); noise is drawn on
                 its device then moved, so a seed gives the same picture on every device.
@@ -322,11 +321,11 @@ class StableDiffusionPipeline:
             scheduler: None (the pipeline's), a name ("ddim", "euler", "euler_ancestral",
                 "dpmpp_2m", "ddpm") built on the pipeline's scheduler config, or a Scheduler.
             output_type: 'pil', 'pt' or 'latent' (see `decode`).
-            progress: show a tqdm progress bar; False writes nothing (case C21).
+            progress: show a tqdm progress bar; False writes nothing.
             callback: called with each StepState.
             image: img2img's starting picture: a PIL image, a list of them, or a tensor
                 (3, H, W) or (1 or P, 3, H, W) with values in [−1, 1] (as
-                minisd.data.load_image returns); H, W multiples of 8.
+                minisd.images.load_image returns); H, W multiples of 8.
             strength: with `image`, the fraction of the n steps that is run, in [0, 1].
             latents: the starting noise ε (B, 4, H/8, W/8) instead of drawing it; it is
                 multiplied by the scheduler's init_noise_sigma (as diffusers does). With
@@ -503,7 +502,7 @@ def _image_tensor(image) -> torch.Tensor:
                          f"got {tuple(image.shape)}")
     low, high = x.min().item(), x.max().item()
     if low < -1.001 or high > 1.001:
-        raise ValueError(f"image tensors take values in [-1, 1] (minisd.data.load_image's), "
+        raise ValueError(f"image tensors take values in [-1, 1] (minisd.images.load_image's), "
                          f"got {low:g} … {high:g}")
     return x.float()
 
@@ -511,11 +510,7 @@ def _image_tensor(image) -> torch.Tensor:
 def _model_folder(name: str | Path | None) -> Path:
     """Where a model folder is: the bundled one, a local folder, or a Hub download."""
     if name is None:
-        if not (BUNDLED_MODEL / checkpoints.MODEL_INDEX).is_file():
-            raise FileNotFoundError(f"the bundled model {BUNDLED_MODEL} is not there; train it "
-                                    f"with `{TRAIN_COMMAND}` (see data/README.md), or pass a "
-                                    "model folder or an SD v1 checkpoint")
-        return BUNDLED_MODEL
+        return bundled_model()
     path = Path(name)
     if path.is_dir():
         return path

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from .noise import NoiseSchedule, rescale_zero_terminal_snr
+from minisd.noise import NoiseSchedule, rescale_zero_terminal_snr
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -159,7 +159,7 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Coefficients of shape (1,) or (B,) reshaped to (B, 1, …, 1) to broadcast over x (B, …).
 
-    A reshape, not indexing, so it behaves the same on every device (case C19); moved to x's
+    A reshape, not indexing, so it behaves the same on every device; moved to x's
     device in x's compute dtype (float32, or float64 for float64 x).
     """
     if values.numel() not in (1, x.shape[0]):
@@ -447,7 +447,7 @@ class DDPMScheduler(_AlphaScheduler):
         """β̃ = (1 − ᾱ_{t'})/(1 − ᾱ_t)·β with β = 1 − ᾱ_t/ᾱ_{t'} the β of the whole jump from t
         to the previous grid point t' (Ho et al. 2020, eq. 7), floored at 1e-20 as in diffusers.
         (1,) or (B,) float32. With 100 of 1000 steps, the jump 990 → 980 uses 1 − ᾱ_990/ᾱ_980,
-        not β_990 (case C04)."""
+        not β_990."""
         _, alpha_t, alpha_prev = self._alpha_pair(timestep)
         beta = 1 - alpha_t / alpha_prev
         return ((1 - alpha_prev) / (1 - alpha_t) * beta).clamp(min=1e-20)
@@ -498,7 +498,7 @@ class DDIMScheduler(_AlphaScheduler):
 
     @property
     def final_alpha_cumprod(self) -> float:
-        """ᾱ after the last grid point: 1 with set_alpha_to_one, else ᾱ_0 (case C05)."""
+        """ᾱ after the last grid point: 1 with set_alpha_to_one, else ᾱ_0."""
         return 1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0].item()
 
     def step(self, model_output, timestep, sample, eta: float = 0.0,
@@ -542,7 +542,7 @@ class _SigmaScheduler(Scheduler):
         super().__init__(**config)
         alphas_cumprod = self.alphas_cumprod.clone()
         if self.config.rescale_betas_zero_snr:
-            # ᾱ_{T−1} = 0 would make σ infinite; clamp it as diffusers does (case C02).
+            # ᾱ_{T−1} = 0 would make σ infinite; clamp it as diffusers does.
             alphas_cumprod[-1] = 2.0 ** -24
         self.train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
         self.sigmas = None
@@ -592,7 +592,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x/√(σ²+1): the U-Net's input x_t at the grid timestep t, which has std ≈ 1 for a
-        correctly noised sample (case C07). timestep: a grid value, or (B,) of them."""
+        correctly noised sample. timestep: a grid value, or (B,) of them."""
         sigma = self.sigmas[self._index(timestep)]
         return (sample / _per_sample((sigma ** 2 + 1) ** 0.5, sample)).to(sample.dtype)
 
@@ -663,7 +663,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     Works in the variance-preserving form x_t = α_t·x_0 + σ_t·ε with α_t = 1/√(σ²+1) and
     σ_t = σ·α_t (σ the noise level of `sigmas`), and in log-SNR time λ = log(α_t/σ_t). Each
     step reuses x̂_0 of the previous one, so steps must be taken in grid order. The grid ends
-    at σ = 0, reached by a first-order step (case C06); `orders` lists the order of each step
+    at σ = 0, reached by a first-order step; `orders` lists the order of each step
     (a first step taken mid-grid, as in img2img, is first order too).
 
     The linspace and leading grids take n + 1 points and drop t = 0 (as diffusers), so they
@@ -783,6 +783,16 @@ def _lambda(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The half log-SNR λ = log α_t − log σ_t (+∞ at σ = 0)."""
     return torch.log(alpha) - torch.log(sigma)
 
+
+# Stable Diffusion v1.x's scheduler/scheduler_config.json as published (runwayml/
+# stable-diffusion-v1-5): the noise schedule every SD v1 model was trained with. minisd has no
+# PNDMScheduler; `from_name` or any scheduler's `from_config` reads the keys it understands.
+SD_V1_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False,
+}
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,

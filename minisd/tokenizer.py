@@ -43,8 +43,8 @@ import ftfy
 import regex
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-OPENAI_BPE = DATA_DIR / "bpe_simple_vocab_16e6.txt.gz"
+from minisd.package_data import openai_vocab
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # CLIP's pre-tokenisation pattern (OpenAI clip/simple_tokenizer.py), applied to lower-cased
@@ -163,7 +163,7 @@ class CLIPTokenizer:
             merge result, and the special tokens.
         merges: merge pairs ("a b") in rank order (rank 0 merges first).
         bos_token, eos_token: the start and end markers; pad_token: what fills a prompt up
-            to the length (EOS in SD v1, "!" = id 0 in OpenCLIP / SD 2.x; case C13).
+            to the length (EOS in SD v1, "!" = id 0 in OpenCLIP / SD 2.x;).
         model_max_length: default sequence length (77 for CLIP).
     Raises:
         ValueError if the vocabulary lacks a byte symbol, a merge result or a special token.
@@ -201,14 +201,15 @@ class CLIPTokenizer:
     # ---- loading and saving ----
 
     @classmethod
-    def openai(cls, path: str | Path = OPENAI_BPE, **kwargs) -> "CLIPTokenizer":
-        """OpenAI's vocabulary from ``bpe_simple_vocab_16e6.txt.gz`` (shipped in ``data/``).
+    def openai(cls, path: str | Path | None = None, **kwargs) -> "CLIPTokenizer":
+        """OpenAI's vocabulary from ``bpe_simple_vocab_16e6.txt.gz`` (`path`; by default the
+        copy shipped with minisd, `minisd.package_data.openai_vocab()`).
 
         The file holds a header line and 262,144 merges, of which CLIP uses the first
         49,152 − 256 − 2 = 48,894. Keyword arguments go to the constructor (e.g.
         ``pad_token="!"`` for OpenCLIP-style padding with 0).
         """
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with gzip.open(path or openai_vocab(), "rt", encoding="utf-8") as f:
             merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
         return cls.from_merges([tuple(m.split()) for m in merges], **kwargs)
 
@@ -304,7 +305,7 @@ class CLIPTokenizer:
         Returns:
             int64 tensor (B, L): BOS, the prompt's ids, EOS, then the pad id up to L.
             A prompt longer than L − 2 tokens keeps its first L − 2, EOS stays last, and a
-            warning names the dropped text (case C14).
+            warning names the dropped text.
         Raises:
             TypeError if prompts is not a str or a list of str (e.g. None, an int, bytes) or
             max_length is not an int; ValueError if max_length < 2.

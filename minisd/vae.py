@@ -21,7 +21,7 @@ parameter names are used here so a diffusers `vae/` folder loads with strict=Tru
 The diffusion model does not see z itself but `scaling_factor · z` (0.18215 for SD v1),
 which gives the latents roughly unit variance (Rombach et al. 2022 rescale by 1/σ̂, σ̂ the
 standard deviation of a batch of latents). The factor is read from the checkpoint's
-config, never hard-coded (case C08): `encode_latents` applies it, `decode_latents` removes
+config, never hard-coded: `encode_latents` applies it, `decode_latents` removes
 it exactly once.
 """
 
@@ -52,7 +52,7 @@ class AutoencoderKLConfig:
     2^(levels − 1). Only the block types SD uses exist ("DownEncoderBlock2D",
     "UpDecoderBlock2D") and only `act_fn="silu"`. `shift_factor` (None for SD v1; used by
     later models) is subtracted before scaling. `force_upcast` tells a pipeline to decode in
-    float32 (the SD v1 VAE overflows in float16, case C09).
+    float32 (the SD v1 VAE overflows in float16).
 
     Raises ValueError for inconsistent lengths, unknown block types or activations, and
     channel counts that the GroupNorm groups do not divide.
@@ -369,7 +369,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def scaling_factor(self) -> float:
-        """The latent scale from the config (0.18215 for SD v1), case C08."""
+        """The latent scale from the config (0.18215 for SD v1)."""
         return self.config.scaling_factor
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -414,7 +414,7 @@ class AutoencoderKL(nn.Module):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → pictures: divides by scaling_factor exactly once (and adds back
-        shift_factor), then decodes; the caller's tensor is not modified (C08).
+        shift_factor), then decodes; the caller's tensor is not modified.
         (B, latent_channels, h, w) → (B, out_channels, h·f, w·f). Errors as in `decode`."""
         return self.decode(latents / self.scaling_factor + (self.config.shift_factor or 0.0))
 

@@ -3,7 +3,7 @@
 Every widget is a thin shell around a `draw_*` function that takes plain values and
 returns a matplotlib Figure, so the picture is testable without a front end. `interactive`
 shows the widget in a Jupyter kernel and degrades to the static picture at the widgets'
-default values anywhere else (case C24).
+default values anywhere else.
 """
 
 import textwrap
@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .data import Prompt
-from .evaluate import score
-from .schedulers import sigmas_from_alphas_cumprod
+from minisd.schedulers import sigmas_from_alphas_cumprod
+from minisd.shapes.evaluate import score
+from minisd.shapes.world import Prompt
 
 
 def to_image(x: torch.Tensor) -> np.ndarray:
@@ -226,8 +226,8 @@ def draw_sample(pipe, prompt, scheduler: str = "dpmpp_2m", num_inference_steps: 
     """Generate one picture with `pipe` (a StableDiffusionPipeline) and show it.
 
     Args:
-        prompt: a caption, or a `minisd.data.Prompt`, whose picture is then read by the judge
-            (`minisd.evaluate.score`) and the verdict is written under it.
+        prompt: a caption, or a `minisd.shapes.world.Prompt`, whose picture is then read by the judge
+            (`minisd.shapes.evaluate.score`) and the verdict is written under it.
         scheduler: a name of `minisd.schedulers.SCHEDULERS`; num_inference_steps,
             guidance_scale, seed: as for the pipeline (no progress bar).
     Returns the Figure. Raises what the pipeline raises (e.g. ValueError for an unknown

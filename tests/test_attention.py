@@ -1,4 +1,4 @@
-"""minisd.attention: parity with diffusers' Attention, C10 (half-precision overflow), the
+"""minisd.attention: parity with diffusers' Attention, half-precision overflow of the logits, the
 attention recorder, masks."""
 
 import pytest
@@ -35,8 +35,8 @@ def test_attention_matches_diffusers(cross_attention_dim):
             torch.testing.assert_close(ours(x, context), expected, rtol=0, atol=1e-5)
 
 
-def test_c10_half_precision_logits_overflow_without_upcast():
-    # C10: q = k = 300 everywhere, shape (1, 8, 64), float16: a logit is
+def test_half_precision_logits_overflow_without_upcast():
+    # q = k = 300 everywhere, shape (1, 8, 64), float16: a logit is
     # 64·300²/√64 = 720,000 > 65,504, the largest float16.
     q = k = torch.full((1, 8, 64), 300.0, dtype=torch.float16)
     v = torch.linspace(-1, 1, 8 * 64).reshape(1, 8, 64).to(torch.float16)

@@ -16,13 +16,14 @@ from minisd.attention_maps import (
     cross_attention_layers,
     cross_attention_maps,
 )
-from minisd.clip import CLIPTextConfig, CLIPTextModel
-from minisd.data import ShapesDataset, evaluation_prompts
-from minisd.evaluate import read
-from minisd.pipeline import BUNDLED_MODEL, StableDiffusionPipeline
+from minisd.package_data import data_dir
+from minisd.pipeline import StableDiffusionPipeline
 from minisd.schedulers import DDIMScheduler
+from minisd.shapes.evaluate import read
+from minisd.shapes.world import ShapesDataset, evaluation_prompts
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
-from minisd.train_unet import SD_V1_DDIM, bundled_unet_config
+from minisd.training.unet import SD_V1_DDIM, bundled_unet_config
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
 matplotlib.use("Agg")
@@ -160,8 +161,8 @@ MEASURED_PEAK_RATE = 10 / 13
 PEAK_MARGIN = 0.15
 
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "unet").is_dir(),
-                    reason="the bundled U-Net is trained by `python -m minisd.train unet`")
+@pytest.mark.skipif(not (data_dir() / "minisd-shapes" / "unet").is_dir(),
+                    reason="the bundled U-Net is trained by `python -m minisd.training unet`")
 def test_bundled_model_colour_words_land_on_their_objects():
     pipe = StableDiffusionPipeline.from_pretrained(device="cpu")
     result = colour_peak_rate(pipe, evaluation_prompts(12))

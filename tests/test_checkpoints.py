@@ -1,5 +1,5 @@
 """Checkpoints: diffusers folders and original SD v1 single files, checked against diffusers'
-own saving and its independent single-file conversion; cases C16, C17, C18; truncated and
+own saving and its independent single-file conversion;; truncated and
 foreign files; the user's file is never modified."""
 
 import hashlib
@@ -10,18 +10,18 @@ import diffusers
 import pytest
 import torch
 import transformers
+from conftest import SD_SCHEDULE, tiny_tokenizer
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file, save_file
-from test_pipeline import SD_SCHEDULE, tiny_tokenizer
 
 from minisd import checkpoints
-from minisd.clip import CLIPTextConfig, CLIPTextModel
 from minisd.pipeline import StableDiffusionPipeline
 from minisd.schedulers import DDIMScheduler
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -202,8 +202,8 @@ def test_sd_v1_rules_agree_with_diffusers_at_full_size():
         == "decoder.up_blocks.0.resnets.2.conv_shortcut.weight"
 
 
-def test_c17_three_layouts_load_the_same(loaded, single_file, reference, tmp_path):
-    """C17: (a) under a state_dict wrapper in a .ckpt, with schedule buffers and a step
+def test_three_layouts_load_the_same(loaded, single_file, reference, tmp_path):
+    """(a) under a state_dict wrapper in a .ckpt, with schedule buffers and a step
     counter; (b) flat; (c) text keys without `text_model.`: identical models."""
     flat = load_file(single_file)
     schedule = DDIMScheduler(**SD_SCHEDULE).schedule
@@ -219,7 +219,7 @@ def test_c17_three_layouts_load_the_same(loaded, single_file, reference, tmp_pat
         assert_same_models(load_unchanged(path, config=reference["folder"]), loaded)
 
 
-def test_c17_schedule_buffers_are_checked_never_an_error(loaded, single_file, reference,
+def test_schedule_buffers_are_checked_never_an_error(loaded, single_file, reference,
                                                          tmp_path):
     flat = load_file(single_file)
     save_file({**flat, "alphas_cumprod": torch.linspace(0.99, 0.01, 1000)},
@@ -229,7 +229,7 @@ def test_c17_schedule_buffers_are_checked_never_an_error(loaded, single_file, re
     assert_same_models(parts, loaded)
 
 
-def test_c17_unmatched_keys_are_listed(single_file, reference, tmp_path):
+def test_unmatched_keys_are_listed(single_file, reference, tmp_path):
     flat = load_file(single_file)
     save_file({**flat, "model.diffusion_model.extra.weight": torch.zeros(1),
                "foo.bar": torch.zeros(1)}, tmp_path / "extra.safetensors")
@@ -247,7 +247,7 @@ def test_c17_unmatched_keys_are_listed(single_file, reference, tmp_path):
         load_unchanged(tmp_path / "missing.safetensors", config=reference["folder"])
 
 
-def test_c16_position_ids_are_ignored_other_keys_are_not(loaded, single_file, reference,
+def test_position_ids_are_ignored_other_keys_are_not(loaded, single_file, reference,
                                                          tmp_path):
     flat = load_file(single_file)
     ids = {"cond_stage_model.transformer.text_model.embeddings.position_ids":
@@ -320,7 +320,7 @@ class Malicious:
         return leave_marker, (str(self.marker),)
 
 
-def test_c18_pickles_with_objects_are_refused_and_run_no_code(loaded, single_file, reference,
+def test_pickles_with_objects_are_refused_and_run_no_code(loaded, single_file, reference,
                                                               tmp_path):
     flat = load_file(single_file)
     torch.save({"state_dict": flat, "callbacks": Custom()}, tmp_path / "custom.ckpt")
@@ -428,7 +428,7 @@ def test_without_a_config_folder_sd_v1_is_assumed(loaded, single_file, reference
     parts = load_unchanged(single_file)
     assert_same_models(parts, loaded)
     assert parts["tokenizer"]("a photo of a cat")[0, :7].tolist() == [
-        49406, 320, 1125, 539, 320, 2368, 49407]                         # C12's ids
+        49406, 320, 1125, 539, 320, 2368, 49407]                         # SD v1's ids of "a photo of a cat"
     scheduler = parts["scheduler"]
     assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scheduler.alphas_cumprod[0].item() == pytest.approx(0.99915)

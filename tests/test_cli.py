@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
-from test_pipeline import tiny_pipeline
 
-from minisd import checkpoints
-from minisd import pipeline as pipeline_module
+from minisd import checkpoints, package_data
 from minisd.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,10 +60,10 @@ def test_defaults_the_scheduler_and_seed_from_the_model(model, tmp_path, capsys)
 
 
 def test_missing_bundled_model_says_how_to_train_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline_module, "BUNDLED_MODEL", tmp_path / "minisd-shapes")
+    monkeypatch.setattr(package_data, "data_dir", lambda: tmp_path)
     assert main(["a red circle", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "minisd: error: the bundled model" in err and "python -m minisd.train all" in err
+    assert "minisd: error: the bundled model" in err and "python -m minisd.training all" in err
     assert not (tmp_path / "x.png").exists()
 
 

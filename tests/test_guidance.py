@@ -1,4 +1,4 @@
-"""minisd.guidance: classifier-free guidance, case C11, rescale parity with diffusers."""
+"""minisd.guidance: classifier-free guidance, rescale parity with diffusers."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from minisd.guidance import classifier_free_guidance, needs_unconditional_pass
 
 
-def test_c11_guidance_convention():
+def test_guidance_convention():
     uncond, text = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
     assert torch.equal(classifier_free_guidance(uncond, text, 7.5), torch.full((1, 4, 2, 2), 7.5))
     assert torch.equal(classifier_free_guidance(uncond, text, 1.0), text)

@@ -44,13 +44,13 @@ def test_sd_v1_reference_values():
     torch.testing.assert_close(s.snr, s.alphas_cumprod / (1 - s.alphas_cumprod))
 
 
-def test_c01_alphas_cumprod_prev_alignment():
+def test_alphas_cumprod_prev_alignment():
     s = NoiseSchedule.from_betas([0.1, 0.2, 0.3, 0.4])
     torch.testing.assert_close(s.alphas_cumprod, torch.tensor([0.9, 0.72, 0.504, 0.3024]))
     torch.testing.assert_close(s.alphas_cumprod_prev, torch.tensor([1.0, 0.9, 0.72, 0.504]))
 
 
-def test_c02_zero_terminal_snr():
+def test_zero_terminal_snr():
     plain = NoiseSchedule(**SD_V1)
     rescaled = NoiseSchedule(**SD_V1, rescale_betas_zero_snr=True)
     assert plain.alphas_cumprod[999].item() == pytest.approx(0.00466, abs=1e-5)

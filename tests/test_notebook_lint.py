@@ -1,4 +1,4 @@
-"""Stored notebook outputs stay clean and reproducible (cases C20, C21, C23)."""
+"""Stored notebook outputs stay clean and reproducible."""
 
 import json
 import re

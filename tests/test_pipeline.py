@@ -1,5 +1,4 @@
-"""StableDiffusionPipeline: parity with diffusers on the same tiny random weights, cases C07,
-C09, C11, C14, C21, seeds, output types, img2img, the step generator and bad input."""
+"""StableDiffusionPipeline: parity with diffusers on the same tiny random weights, seeds, output types, img2img, the step generator and bad input."""
 
 import copy
 import sys
@@ -9,51 +8,17 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import SD_SCHEDULE, tiny_pipeline
 from PIL import Image
 from torch import nn
 
+from minisd import package_data
 from minisd import pipeline as pipeline_module
-from minisd.clip import CLIPTextConfig, CLIPTextModel
 from minisd.pipeline import StableDiffusionPipeline, StepState
 from minisd.schedulers import DDIMScheduler, from_name, sigmas_from_alphas_cumprod
-from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
-from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
-from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
 # SD v1's noise schedule (runwayml/stable-diffusion-v1-5 scheduler_config.json)
-SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-               "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
 PROMPTS = ["a red circle", "blue"]
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """CLIP's byte-level BPE with the 512 byte symbols, a few merges and the two specials:
-    521 ids, so a text model with a tiny embedding table can read it."""
-    symbols = list(bytes_to_unicode().values())
-    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "l e</w>", "circ le</w>"]
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges),
-              BOS, EOS]
-    return CLIPTokenizer({t: i for i, t in enumerate(tokens)}, merges)
-
-
-def tiny_pipeline(scheduler: str = "dpmpp_2m", seed: int = 0) -> StableDiffusionPipeline:
-    """SD v1's shape (4 U-Net levels with attention in the first three, 4 VAE levels: f = 8)
-    at widths of 8–16 channels: 64×64 pictures from 8×8 latents, ~0.3 M parameters."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(UNet2DConditionConfig(
-        sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=2,
-        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2))
-    vae = AutoencoderKL(AutoencoderKLConfig(
-        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
-        sample_size=64))
-    return StableDiffusionPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(),
-                                   from_name(scheduler, SD_SCHEDULE))
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +96,8 @@ class OracleUNet(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
-def test_c07_unet_input_has_unit_std_at_every_step(pipe, name):
-    """C07: the starting noise is scaled by init_noise_sigma (≈ 14.6 for Euler) and every
+def test_unet_input_has_unit_std_at_every_step(pipe, name):
+    """The starting noise is scaled by init_noise_sigma (≈ 14.6 for Euler) and every
     U-Net input by 1/√(σ² + 1): the U-Net sees std ≈ 1 at every step."""
     scheduler = from_name(name, SD_SCHEDULE)
     x0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -147,8 +112,8 @@ def test_c07_unet_input_has_unit_std_at_every_step(pipe, name):
     assert all(abs(s - 1) < 0.05 for s in oracle.stds), oracle.stds
 
 
-def test_c11_one_unet_call_per_step(pipe):
-    """C11: scale 1 runs the U-Net once per step on the prompts only; any other scale runs one
+def test_one_unet_call_per_step(pipe):
+    """Scale 1 runs the U-Net once per step on the prompts only; any other scale runs one
     batched call on [negative, positive] per step."""
     batches = []
     hook = pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
@@ -164,7 +129,7 @@ def test_c11_one_unet_call_per_step(pipe):
         hook.remove()
 
 
-def test_c11_scale_0_is_the_unconditional_model(pipe):
+def test_scale_0_is_the_unconditional_model(pipe):
     """s = 0 gives ε_u: the prompt is ignored, as with prompt = negative at s = 1 (equal up to
     float rounding: a batch of 2 and a batch of 1 round differently)."""
     run = {"num_inference_steps": 5, "seed": 3, "output_type": "latent", "progress": False}
@@ -173,8 +138,8 @@ def test_c11_scale_0_is_the_unconditional_model(pipe):
     torch.testing.assert_close(unconditional.images, same.images, atol=1e-4, rtol=0)
 
 
-def test_c09_half_precision_decode_overflow_is_redone_in_float32():
-    """C09: latents of constant 30 through a decoder block that overflows float16 give inf/NaN
+def test_half_precision_decode_overflow_is_redone_in_float32():
+    """Latents of constant 30 through a decoder block that overflows float16 give inf/NaN
     in half precision; the pipeline notices, warns and decodes in float32, giving a picture
     that is finite and equals the float32 decode (not a black one)."""
     pipe = tiny_pipeline().to(dtype=torch.float16)
@@ -193,7 +158,7 @@ def test_c09_half_precision_decode_overflow_is_redone_in_float32():
     assert next(pipe.vae.parameters()).dtype == torch.float16   # the pipeline stays in fp16
 
 
-def test_c09_nan_latents_are_an_error_not_a_black_picture(pipe):
+def test_nan_latents_are_an_error_not_a_black_picture(pipe):
     latents = torch.zeros(1, 4, 8, 8)
     latents[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf.*float32"):
@@ -271,14 +236,14 @@ def test_scheduler_by_name_keeps_latents_unclipped(pipe):
                                atol=0, rtol=0)
 
 
-def test_c14_long_prompt_is_truncated_with_a_warning(pipe):
+def test_long_prompt_is_truncated_with_a_warning(pipe):
     with pytest.warns(UserWarning, match="dropped"):
         out = pipe(" ".join(["red"] * 100), num_inference_steps=2, seed=0, progress=False,
                    output_type="latent")
     assert out.images.shape == (1, 4, 8, 8)
 
 
-def test_c21_progress_false_writes_nothing(pipe, capfd):
+def test_progress_false_writes_nothing(pipe, capfd):
     pipe("a red circle", num_inference_steps=3, seed=0, progress=False)
     assert capfd.readouterr() == ("", "")
     pipe("a red circle", num_inference_steps=3, seed=0, progress=True)
@@ -324,9 +289,9 @@ def test_prompts_that_are_not_strings_are_refused(pipe, prompt):
 
 
 def test_from_pretrained_defaults_to_the_bundled_model(pipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline_module, "BUNDLED_MODEL", tmp_path / "minisd-shapes")
-    with pytest.raises(FileNotFoundError, match="minisd-shapes is not there; train it with "
-                                                "`python -m minisd.train all`"):
+    monkeypatch.setattr(package_data, "data_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="the bundled model is missing .* train it with "
+                                                "`python -m minisd.training all`"):
         StableDiffusionPipeline.from_pretrained()
     pipe.save_pretrained(tmp_path / "minisd-shapes")
     loaded = StableDiffusionPipeline.from_pretrained(device="cpu")

@@ -1,4 +1,4 @@
-"""minisd.schedulers: parity with diffusers, cases C01–C07 and C19, bad input."""
+"""minisd.schedulers: parity with diffusers, exact values of the schedules, grids and steps, device parity, bad input."""
 
 import json
 import math
@@ -81,7 +81,7 @@ def test_sd_v1_config_loads_as_is(cls):
     s = cls.from_config(SD_V1)
     assert (s.config.beta_schedule, s.config.beta_start, s.config.steps_offset) == \
         ("scaled_linear", 0.00085, 1)
-    assert s.config.rescale_betas_zero_snr is False          # C02: off for SD v1
+    assert s.config.rescale_betas_zero_snr is False          # off for SD v1
     ref = REFERENCE[cls].from_config(SD_V1)
     s.set_timesteps(50)
     ref.set_timesteps(50)
@@ -89,7 +89,7 @@ def test_sd_v1_config_loads_as_is(cls):
 
 
 def test_sd_v1_config_keeps_set_alpha_to_one_false():
-    """C05: the configured value reaches every code path, and survives a save."""
+    """The configured value reaches every code path, and survives a save."""
     s = S.from_name("ddim", SD_V1)
     assert s.config.set_alpha_to_one is False
     assert s.final_alpha_cumprod == pytest.approx(0.99915, abs=1e-7)
@@ -140,10 +140,10 @@ def test_from_name_registry():
         S.from_name("heun")
 
 
-# ---------------------------------------------------------------- grids (C03)
+# ---------------------------------------------------------------- grids
 
 
-def test_c03_spacings_written_out():
+def test_spacings_written_out():
     def grid(n, spacing, offset=0):
         s = S.DDIMScheduler(**SD, timestep_spacing=spacing, steps_offset=offset)
         s.set_timesteps(n)
@@ -358,7 +358,7 @@ def test_zero_terminal_snr_trajectory_matches_diffusers(cls):
 # ---------------------------------------------------------------- cases
 
 
-def test_c01_alpha_prev_alignment_and_exact_ddim_inversion():
+def test_alpha_prev_alignment_and_exact_ddim_inversion():
     s = S.DDIMScheduler(num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4],
                         clip_sample=False)
     torch.testing.assert_close(s.schedule.alphas_cumprod,
@@ -377,7 +377,7 @@ def test_c01_alpha_prev_alignment_and_exact_ddim_inversion():
         torch.testing.assert_close(out.prev_sample, expected, atol=1e-6, rtol=0)
 
 
-def test_c02_zero_terminal_snr():
+def test_zero_terminal_snr():
     plain = S.EulerDiscreteScheduler(**SD)
     assert plain.alphas_cumprod[999].item() == pytest.approx(0.0046601, abs=1e-7)
     assert plain.alphas_cumprod[0].item() == pytest.approx(0.99915, abs=1e-7)
@@ -393,7 +393,7 @@ def test_c02_zero_terminal_snr():
     assert S.SchedulerConfig().rescale_betas_zero_snr is False
 
 
-def test_c02_epsilon_at_zero_snr_is_refused():
+def test_epsilon_at_zero_snr_is_refused():
     s = S.DDIMScheduler(**SD, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     s.set_timesteps(10)
     x = torch.randn(1, 4, 2, 2)
@@ -401,7 +401,7 @@ def test_c02_epsilon_at_zero_snr_is_refused():
         s.step(x, 999, x)
 
 
-def test_c04_ddpm_with_fewer_steps_than_training():
+def test_ddpm_with_fewer_steps_than_training():
     s = S.DDPMScheduler(**SD, clip_sample=False)
     s.set_timesteps(100)
     assert s.timesteps[:2].tolist() == [990, 980]
@@ -435,7 +435,7 @@ def test_c04_ddpm_with_fewer_steps_than_training():
     torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
 
 
-def test_c05_ddim_last_step():
+def test_ddim_last_step():
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     for set_alpha_to_one in (True, False):
@@ -451,7 +451,7 @@ def test_c05_ddim_last_step():
 
 
 @pytest.mark.parametrize("karras", [False, True])
-def test_c06_dpm_solver_ends_at_sigma_zero_with_a_first_order_step(karras):
+def test_dpm_solver_ends_at_sigma_zero_with_a_first_order_step(karras):
     for n in (10, 11, 20, 25):
         s = S.DPMSolverMultistepScheduler(**SD, use_karras_sigmas=karras)
         s.set_timesteps(n)
@@ -473,7 +473,7 @@ def _alpha_bar_at(s, t):
 
 
 def _recorded_input_stds(s, n):
-    """C07: sample with a stub U-Net that records the std of its input. The stub is the exact
+    """Sample with a stub U-Net that records the std of its input. The stub is the exact
     ε-prediction for unit-Gaussian data, E[ε | x_t] = √(1−ᾱ_t)·x_t, under which every x_t is
     N(0, I): a correctly scaled input has std ≈ 1 at every step. (50 first-order steps lose a
     little variance at the end, DDPM's β̃ most: it ignores the uncertainty of x̂_0. A scaling
@@ -492,7 +492,7 @@ def _recorded_input_stds(s, n):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("spacing", SPACINGS)
-def test_c07_model_input_has_unit_std(cls, spacing):
+def test_model_input_has_unit_std(cls, spacing):
     s = cls.from_config({**SD_V1, "timestep_spacing": spacing})
     stds = _recorded_input_stds(s, 50)
     assert abs(stds[0] - 1) < 0.005, stds       # the scaled starting noise: 0.998 to 1.004
@@ -503,7 +503,7 @@ def test_c07_model_input_has_unit_std(cls, spacing):
         assert abs(s.scale_model_input(s.add_noise(x0, eps, t), t).std().item() - 1) < 0.03
 
 
-def test_c07_init_noise_sigma():
+def test_init_noise_sigma():
     s = S.EulerDiscreteScheduler.from_config(SD_V1)          # linspace
     assert s.init_noise_sigma == pytest.approx(14.6146, abs=1e-4)
     s.set_timesteps(50)
@@ -540,7 +540,7 @@ def _devices():
 
 
 @pytest.mark.parametrize("device", _devices())
-def test_c19_per_sample_sigma_same_on_every_device(device):
+def test_per_sample_sigma_same_on_every_device(device):
     s = S.EulerDiscreteScheduler(**SD)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g) * 5

@@ -1,5 +1,5 @@
 """CLIPTokenizer: parity with transformers' CLIPTokenizer on the same vocabulary, golden ids
-of cases C12–C14, OpenAI's text cleaning, loading and saving, bad input."""
+of SD v1's prompts, padding and truncation, OpenAI's text cleaning, loading and saving, bad input."""
 
 import json
 import random
@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from minisd.clip import CLIPTokenizer as ReExported
+from minisd.text_encoder import CLIPTokenizer as ReExported
 from minisd.tokenizer import CLIPTokenizer, bytes_to_unicode, clean_text
 
 BOS, EOS = 49406, 49407
@@ -123,9 +123,9 @@ def test_parity_with_openclip_style_padding(tok, tmp_path):
         torch.testing.assert_close(tok_zero(prompts), expected, rtol=0, atol=0)
 
 
-# C12: text cleaning and the golden ids of the OpenAI vocabulary.
+# Text cleaning and the golden ids of the OpenAI vocabulary.
 
-def test_c12_golden_ids(tok):
+def test_golden_ids(tok):
     assert tok("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok("hello world")[0, :4].tolist() == [49406, 3306, 1002, 49407]
     assert tok("HELLO   world")[0, :4].tolist() == [49406, 3306, 1002, 49407]
@@ -135,7 +135,7 @@ def test_c12_golden_ids(tok):
                                                        "done</w>", "this</w>"]
 
 
-def test_c12_ftfy_and_html_cleaning(tok, hf):
+def test_ftfy_and_html_cleaning(tok, hf):
     """OpenAI's CLIP runs ftfy and html.unescape before lower-casing; transformers 5's
     tokenizer does not (it applies NFC only). Ours follows OpenAI: these prompts tokenise as
     their cleaned forms, which transformers then tokenises identically."""
@@ -157,15 +157,15 @@ def test_c12_ftfy_and_html_cleaning(tok, hf):
     assert tok.encode("&lt;3 &amp;") == [283, 274, 261]
 
 
-# C13: padding with the configured pad token.
+# Padding with the configured pad token.
 
-def test_c13_sd_v1_pads_with_end_of_text(tok):
+def test_sd_v1_pads_with_end_of_text(tok):
     ids = tok("hello world")
     assert ids.shape == (1, 77) and ids.dtype == torch.int64
     assert ids[0].tolist() == [49406, 3306, 1002, 49407] + [49407] * 73
 
 
-def test_c13_openclip_pads_with_zero_read_from_the_folder(folder, tmp_path):
+def test_openclip_pads_with_zero_read_from_the_folder(folder, tmp_path):
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
@@ -176,7 +176,7 @@ def test_c13_openclip_pads_with_zero_read_from_the_folder(folder, tmp_path):
     assert tok("hello world")[0].tolist() == [49406, 3306, 1002, 49407] + [0] * 73
 
 
-def test_c13_pad_token_written_as_added_token_dict(folder, tmp_path):
+def test_pad_token_written_as_added_token_dict(folder, tmp_path):
     """transformers 4 writes special tokens as {"content": …, "lstrip": …} dictionaries."""
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
@@ -188,9 +188,9 @@ def test_c13_pad_token_written_as_added_token_dict(folder, tmp_path):
     assert tok.pad_token_id == 49407 and tok.model_max_length == 77
 
 
-# C14: truncation keeps EOS last and says what it dropped.
+# Truncation keeps EOS last and says what it dropped.
 
-def test_c14_long_prompt_is_truncated_with_a_warning(tok):
+def test_long_prompt_is_truncated_with_a_warning(tok):
     with pytest.warns(UserWarning, match="dropped: 'cat( cat){24}'$"):
         ids = tok(" ".join(["cat"] * 100))
     assert ids.shape == (1, 77)
@@ -198,7 +198,7 @@ def test_c14_long_prompt_is_truncated_with_a_warning(tok):
     assert ids[0, 1:76].tolist() == [2368] * 75
 
 
-def test_c14_warning_names_exactly_the_dropped_tokens(tok):
+def test_warning_names_exactly_the_dropped_tokens(tok):
     prompt = " ".join(str(i % 10) for i in range(100))   # one token per digit
     with pytest.warns(UserWarning) as record:
         ids = tok(prompt)
@@ -207,7 +207,7 @@ def test_c14_warning_names_exactly_the_dropped_tokens(tok):
     assert tok.decode(ids[0]) == " ".join(str(i % 10) for i in range(75))
 
 
-def test_c14_exactly_75_tokens_is_not_truncated(tok):
+def test_exactly_75_tokens_is_not_truncated(tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ids = tok(" ".join(["a"] * 75))

@@ -1,4 +1,4 @@
-"""Chapter 2: AutoencoderKL against diffusers, its checkpoints, scaling (C08) and its errors."""
+"""Chapter 2: AutoencoderKL against diffusers, its checkpoints, scaling and its errors."""
 
 import gc
 import json
@@ -118,8 +118,8 @@ def test_config_round_trip_ignores_unknown_keys():
                                             "_diffusers_version": "0.42.0"}) == config
 
 
-def test_c08_scaling_factor_from_config_applied_once(tmp_path):
-    # C08: a config saying 0.13025 keeps 0.13025 through load and save.
+def test_scaling_factor_from_config_applied_once(tmp_path):
+    # A config saying 0.13025 keeps 0.13025 through load and save.
     reference(dict(SMALL, scaling_factor=0.13025)).save_pretrained(tmp_path / "in")
     vae = AutoencoderKL.from_pretrained(tmp_path / "in").eval()
     assert vae.scaling_factor == 0.13025

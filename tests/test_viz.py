@@ -1,4 +1,4 @@
-"""The pictures behind the widgets, drawn without a front end (case C24)."""
+"""The pictures behind the widgets, drawn without a front end."""
 
 import ipywidgets as widgets
 import matplotlib

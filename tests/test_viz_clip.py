@@ -1,4 +1,4 @@
-"""The chapter-3 draw functions of minisd.viz, without widgets (case C24)."""
+"""The chapter-3 draw functions of minisd.viz, without widgets."""
 
 import matplotlib.pyplot as plt
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from minisd import viz
-from minisd.clip_model import CLIPModel
-from minisd.data import ShapesDataset
+from minisd.clip_contrastive import CLIPModel
+from minisd.shapes.world import ShapesDataset
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
-from minisd.train_clip import small_clip_config
+from minisd.training.clip import small_clip_config
 
 
 @pytest.fixture(scope="module")

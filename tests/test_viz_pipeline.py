@@ -5,7 +5,7 @@ decoded predictions of the steps it names, and bad input fails clearly."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from test_pipeline import tiny_pipeline
+from conftest import tiny_pipeline
 
 from minisd import viz
 

@@ -1,4 +1,4 @@
-"""Chapter 5's pictures (minisd.viz), drawn without a front end (case C24)."""
+"""Chapter 5's pictures (minisd.viz), drawn without a front end."""
 
 from types import SimpleNamespace
 
@@ -12,7 +12,7 @@ import torch
 
 from minisd import schedulers as S
 from minisd import viz
-from minisd.data import Prompt, Scene, SceneObject, render
+from minisd.shapes.world import Prompt, Scene, SceneObject, render
 
 # stable-diffusion-v1-5/scheduler/scheduler_config.json, as published.
 SD_V1 = {
@@ -27,7 +27,7 @@ def test_grid_sigmas_put_every_scheduler_on_the_sigma_axis():
     ddim, euler, dpm = (S.from_name(n, SD_V1) for n in ("ddim", "euler", "dpmpp_2m"))
     for s in (ddim, euler, dpm):
         s.set_timesteps(10)
-    # DDIM's leading grid 901 … 1, then ᾱ_0 = 0.99915 (set_alpha_to_one=False, case C05).
+    # DDIM's leading grid 901 … 1, then ᾱ_0 = 0.99915 (set_alpha_to_one=False).
     sigma_901 = ((1 - ddim.alphas_cumprod[901]) / ddim.alphas_cumprod[901]) ** 0.5
     ddim_sigmas = viz.grid_sigmas(ddim)
     assert ddim_sigmas.shape == (11,)
@@ -36,7 +36,7 @@ def test_grid_sigmas_put_every_scheduler_on_the_sigma_axis():
     # Euler: linspace 999 … 0, σ_max ≈ 14.6146 then σ_min ≈ 0.02917 and a final 0.
     torch.testing.assert_close(viz.grid_sigmas(euler)[[0, 9, 10]],
                                torch.tensor([14.6146, 0.02917, 0.0]), atol=1e-4, rtol=0)
-    assert viz.grid_sigmas(dpm)[-1] == 0.0                        # case C06
+    assert viz.grid_sigmas(dpm)[-1] == 0.0                        # DPM-Solver++ ends at σ = 0
 
 
 def test_grid_sigmas_of_ddim_going_to_a_clean_sample_end_at_zero():

@@ -1,12 +1,12 @@
 """Training the bundled CLIP on the shapes world, and measuring what it learned.
 
-`python -m minisd.train clip` does, in order:
+`python -m minisd.training clip` does, in order:
 
 1. learns a BPE vocabulary from the captions of the train split (`learn_bpe`: 155 merges,
    after which every word of the world is one token) — the tokenizer of the bundled model;
 2. builds a small `CLIPModel` (text tower of width 128 with 3 layers, which later conditions
    the U-Net; a convolutional image tower) and trains it with the shared loop
-   (`minisd.train.train`) on (picture, caption) pairs with CLIP's symmetric InfoNCE loss,
+   (`minisd.training.loop.train`) on (picture, caption) pairs with CLIP's symmetric InfoNCE loss,
    1,000 steps of 128 pairs, a quarter of the pictures shown in grey (`contrastive_loss`);
 3. saves ``tokenizer/``, ``text_encoder/`` and ``clip_image/`` into the bundled model folder
    and prints the evaluation below.
@@ -41,13 +41,14 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from minisd.clip import CLIPTextConfig
-from minisd.clip_model import CLIPConfig, CLIPImageConfig, CLIPModel, clip_loss
-from minisd.data import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, ShapesDataset
+from minisd.clip_contrastive import CLIPConfig, CLIPImageConfig, CLIPModel, clip_loss
+from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
+from minisd.shapes.world import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, ShapesDataset
+from minisd.text_encoder import CLIPTextConfig
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
-from minisd.train import TrainConfig, init_distributed, register, train
+from minisd.training.loop import TrainConfig, init_distributed, register, train
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
+BUNDLED = data_dir() / BUNDLED_MODEL_NAME
 
 
 def caption_corpus(num_captions: int = 20_000, seed: int = 0) -> list[str]:
@@ -285,7 +286,7 @@ def evaluate_clip(model: CLIPModel, tokenizer: CLIPTokenizer, num_images: int = 
             **retrieval(model, tokenizer, test, 100)}
 
 
-# ---- the command line: python -m minisd.train clip ----
+# ---- the command line: python -m minisd.training clip ----
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=str(BUNDLED),

@@ -13,17 +13,17 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-from minisd import train_clip as tc
-from minisd.clip_model import CLIPModel
-from minisd.data import Scene, SceneObject, ShapesDataset
+from minisd.clip_contrastive import CLIPModel
+from minisd.package_data import bundled_model
+from minisd.shapes.world import Scene, SceneObject, ShapesDataset
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
-from minisd.train import TARGETS, TrainConfig, build_parser, init_distributed, train
+from minisd.training import clip as tc
+from minisd.training.loop import TARGETS, TrainConfig, build_parser, init_distributed, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_clip_model import tiny_batch, tiny_config
-from test_train import torchrun
+from conftest import tiny_batch, tiny_config, torchrun
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
+BUNDLED = bundled_model()
 
 # Sennrich et al. 2016's example corpus: low ×5, lower ×2, newest ×6, widest ×3.
 TOY = ["low " * 5 + "lower " * 2 + "newest " * 6 + "widest " * 3]
@@ -176,7 +176,7 @@ def clip_steps(out: str) -> None:
 def test_contrastive_loss_under_torchrun_equals_one_process(tmp_path):
     script = tmp_path / "clip_case.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      f"from test_train_clip import clip_steps\nclip_steps({str(tmp_path)!r})\n")
+                      f"from test_training_clip import clip_steps\nclip_steps({str(tmp_path)!r})\n")
     torchrun(str(script))
     (tmp_path / "single").mkdir()
     clip_steps(str(tmp_path / "single"))

@@ -11,8 +11,8 @@
   Hutter 2017, eq. 5, one cycle) or constant.
 - Gradient-norm clipping (Pascanu et al. 2013); the norm before clipping is recorded.
 - An optional exponential moving average of the weights, with a decay warm-up that suits
-  short runs (`minisd.ema`).
-- A tqdm progress bar; with `progress=False` nothing is written to stdout or stderr (C21).
+  short runs (`minisd.training.ema`).
+- A tqdm progress bar; with `progress=False` nothing is written to stdout or stderr.
   The per-step history (loss and the other terms `loss_fn` returns, lr, gradient norm) is
   returned for loss plots.
 - Checkpoints `out_dir/checkpoint-<steps taken>/`: `model.safetensors` and `ema.safetensors`
@@ -32,7 +32,7 @@ Because the order depends only on (seed, epoch), a resumed run picks up at the r
 with seed + rank and saved in checkpoints; randomness inside the dataset should depend on
 the index only (or use num_workers=0) for resume to stay exact.
 
-Command line: `python -m minisd.train <what> [options]`, one sub-command per trainer, each
+Command line: `python -m minisd.training <what> [options]`, one sub-command per trainer, each
 with the `TrainConfig` options (defaults chosen by the trainer) and its own. Trainers join
 with the `register` decorator; `toy` fits a linear map, a check of the machinery.
 """
@@ -58,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from minisd.ema import EMA
+from minisd.training.ema import EMA
 
 SCHEDULES = ("cosine", "constant")
 
@@ -478,11 +478,11 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# The command line: python -m minisd.train <what> [options]
+# The command line: python -m minisd.training <what> [options]
 
 @dataclass
 class Target:
-    """A sub-command of `python -m minisd.train`: `run(config, args)` trains one model."""
+    """A sub-command of `python -m minisd.training`: `run(config, args)` trains one model."""
 
     run: Callable[[TrainConfig, argparse.Namespace], object]
     help: str
@@ -495,7 +495,7 @@ TARGETS: dict[str, Target] = {}
 
 def register(name: str, help: str, defaults: TrainConfig,
              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Decorator: make `run(config, args)` the trainer behind `python -m minisd.train <name>`.
+    """Decorator: make `run(config, args)` the trainer behind `python -m minisd.training <name>`.
 
     `defaults` gives the trainer's own TrainConfig defaults (every field is an option);
     `add_arguments(parser)` adds the trainer's own options, read back from `args`.
@@ -541,9 +541,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of `python -m minisd.train`, one sub-command per registered trainer."""
+    """The parser of `python -m minisd.training`, one sub-command per registered trainer."""
     parser = argparse.ArgumentParser(
-        prog="python -m minisd.train",
+        prog="python -m minisd.training",
         description="Train minisd's models. The same command runs under "
                     "`torchrun --nproc_per_node=N` on N processes (DDP).")
     commands = parser.add_subparsers(dest="what", required=True, metavar="<what>")
@@ -595,8 +595,3 @@ def _train_toy(config: TrainConfig, args: argparse.Namespace) -> TrainResult:
     return result
 
 
-if __name__ == "__main__":
-    from minisd import train_clip, train_unet, train_vae  # noqa: F401  (register clip, vae, unet, all)
-    from minisd.train import main as _main  # the package's module, where trainers register
-
-    _main()

@@ -13,13 +13,13 @@ does not depend on the padding after it; the MLP is D → 4D → D with quick_ge
 x·σ(1.702·x) (OpenAI's approximation of GELU; OpenCLIP towers use exact "gelu").
 SD v1: D = 768, N = 12 layers, 12 heads, L = 77, vocabulary 49,408: 123,060,480 parameters.
 The U-Net reads `last_hidden_state` (every token's vector); CLIP's contrastive loss reads
-`pooler_output`. With `clip_skip` = k the context is LN_final(x_{N−k+1}) (case C15).
+`pooler_output`. With `clip_skip` = k the context is LN_final(x_{N−k+1}).
 
 Parameter names are transformers' `CLIPTextModel` (`embeddings.token_embedding`,
 `encoder.layers.{i}.self_attn.q_proj`, `…mlp.fc1`, `final_layer_norm`, …), so checkpoints
 load with no renaming. Layouts: transformers 5 saves these keys as they are; SD v1.x
 ``text_encoder/`` folders (transformers 4) put them under ``text_model.`` and may carry a
-``text_model.embeddings.position_ids`` buffer. `load_state_dict` takes both (case C16);
+``text_model.embeddings.position_ids`` buffer. `load_state_dict` takes both;
 `save_pretrained` writes the ``text_model.`` layout of SD v1.x, which both load.
 The tokenizer that makes the ids lives in minisd/tokenizer.py.
 """
@@ -167,7 +167,7 @@ class CLIPTextEmbeddings(nn.Module):
 
 def text_encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Text-encoder keys with or without ``text_model.`` → minisd's (without), dropping the
-    ``embeddings.position_ids`` buffer: positions are always 0…L−1 (case C16)."""
+    ``embeddings.position_ids`` buffer: positions are always 0…L−1."""
     state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
     state.pop("embeddings.position_ids", None)
     return state
@@ -244,7 +244,7 @@ class CLIPTextModel(nn.Module):
                 end-of-text id.
             clip_skip: which layer's output becomes `last_hidden_state`: 1 the last (the
                 default, SD v1), 2 the penultimate, …, always passed through the final
-                LayerNorm (case C15; the "clip skip" of A1111 and ComfyUI — diffusers'
+                LayerNorm (the "clip skip" of A1111 and ComfyUI — diffusers'
                 `clip_skip` counts one less). `pooler_output` always comes from the last layer.
         Returns:
             `CLIPTextOutput`: last_hidden_state (B, L, D), pooler_output (B, D),
@@ -284,7 +284,7 @@ class CLIPTextModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights with transformers' names, with or without the ``text_model.`` prefix;
-        a ``(text_model.)embeddings.position_ids`` buffer is dropped (case C16).
+        a ``(text_model.)embeddings.position_ids`` buffer is dropped.
 
         Raises (when `strict`): ValueError listing unexpected keys, missing keys and shape
         mismatches, by the names the state dict uses (`minisd.state_dict.load_strict`).

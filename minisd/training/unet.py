@@ -1,6 +1,6 @@
 """The recipe of the bundled U-Net: Stable Diffusion's noise predictor, trained on the shapes world.
 
-`python -m minisd.train unet` trains ε_θ(z_t, t, c) as latent diffusion does (Rombach et al.
+`python -m minisd.training unet` trains ε_θ(z_t, t, c) as latent diffusion does (Rombach et al.
 2022, §3.3, eq. 2), on top of the bundled VAE and text encoder, which stay frozen:
 
 1. encode the training set once: every picture through the VAE's encoder, a latent sampled
@@ -14,7 +14,7 @@
 3. with probability 0.1 a caption is replaced by the empty prompt's context, so the same
    network also predicts the unconditional noise that classifier-free guidance needs
    (Ho & Salimans 2022, §3.2, p_uncond);
-4. the shared loop (`minisd.train.train`): AdamW, warm-up + cosine, gradient clipping, an EMA
+4. the shared loop (`minisd.training.loop.train`): AdamW, warm-up + cosine, gradient clipping, an EMA
    of the weights (the EMA is what gets saved), progress bar, resumable checkpoints;
 5. write `unet/` (diffusers layout, float16), `scheduler/scheduler_config.json` (DDIM on
    the training schedule, with SD v1's DDIM settings) and `model_index.json` into the model
@@ -27,7 +27,7 @@ a CPU training step, cross-attention to 77 words is cheap. 8×8 and the
 4×4 middle have self- and cross-attention. On a 2-core CPU the number of optimisation steps
 decides quality more than width, so the model is small and the run long.
 
-`python -m minisd.train all` trains the whole bundled model in order — `vae`, `clip`,
+`python -m minisd.training all` trains the whole bundled model in order — `vae`, `clip`,
 `unet`, each with its own defaults — and leaves a complete diffusers folder.
 """
 
@@ -48,12 +48,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from minisd.checkpoints import LIBRARIES, MODEL_INDEX, load_tokenizer
-from minisd.clip import CLIPTextModel
-from minisd.data import ShapesDataset
 from minisd.noise import NoiseSchedule
-from minisd.schedulers import DDIMScheduler
+from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
+from minisd.schedulers import SD_V1_SCHEDULER_CONFIG, DDIMScheduler
+from minisd.shapes.world import ShapesDataset
+from minisd.text_encoder import CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
-from minisd.train import (
+from minisd.training.loop import (
     TARGETS,
     TrainConfig,
     build_parser,
@@ -65,11 +66,11 @@ from minisd.train import (
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL
 
-BUNDLED_FOLDER = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
+BUNDLED_FOLDER = data_dir() / BUNDLED_MODEL_NAME
 UNCOND_PROB = 0.1  # p_uncond of Ho & Salimans 2022: share of captions replaced by ""
 # SD v1's noise schedule and DDIM settings (scheduler_config.json of SD v1.x, DDIM keys)
-SD_V1_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear"}
+SD_V1_SCHEDULE = {key: SD_V1_SCHEDULER_CONFIG[key] for key in
+                  ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
 SD_V1_DDIM = {**SD_V1_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False,
               "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}
 CACHE_VERSION = 1  # bump when the cached encoding changes meaning
@@ -134,7 +135,7 @@ def encode_dataset(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: C
     """Encode (picture, caption) items once.
 
     Returns (latents, context), float16 on the CPU: latents (N, 4, h, w), each sampled from
-    the VAE's posterior with a generator seeded by `seed` and scaled (`encode_latents`, C08);
+    the VAE's posterior with a generator seeded by `seed` and scaled (`encode_latents`);
     context (N, 77, D), `encode_prompts` of the captions.
     """
     device = next(vae.parameters()).device
@@ -156,8 +157,8 @@ def load_frozen_parts(model: str | Path, device: str | torch.device = "cpu"
     for part in ("vae", "text_encoder", "tokenizer"):
         if not (model / part).is_dir():
             raise FileNotFoundError(f"{model / part} not found; the U-Net trains on the bundled "
-                                    "VAE and text encoder: run `python -m minisd.train vae` and "
-                                    "`python -m minisd.train clip` first (or `all`)")
+                                    "VAE and text encoder: run `python -m minisd.training vae` and "
+                                    "`python -m minisd.training clip` first (or `all`)")
     vae = AutoencoderKL.from_pretrained(model / "vae").to(device).eval().requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", device=device)
     return vae, text_encoder.requires_grad_(False), load_tokenizer(model / "tokenizer")
@@ -215,7 +216,7 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, prob: float = UNCO
 
 def noise_prediction_loss(schedule: NoiseSchedule, empty: torch.Tensor,
                           uncond_prob: float = UNCOND_PROB):
-    """The `loss_fn(unet, batch)` of `minisd.train.train` for ε-prediction.
+    """The `loss_fn(unet, batch)` of `minisd.training.loop.train` for ε-prediction.
 
     batch = (latents z_0 (B, 4, h, w), context (B, M, D)), any float dtype (computed in
     float32). Draws t ~ U{0, …, T−1}, ε ~ N(0, I) and the caption dropout from torch's
@@ -315,7 +316,7 @@ def train_unet(config: TrainConfig, model: str | Path = BUNDLED_FOLDER,
         save_loss_curve(result.history["loss"], output / "unet_loss.png")
         if config.progress:
             print(f"saved {output / 'unet'} ({save_dtype}), scheduler/, {MODEL_INDEX}; "
-                  f"evaluate with: python -m minisd.evaluate --model {output}")
+                  f"evaluate with: python -m minisd.shapes.evaluate --model {output}")
     return unet
 
 
@@ -383,7 +384,7 @@ def stage_arguments(stage: str, config: TrainConfig, output: str | Path) -> list
           add_arguments=lambda parser: parser.add_argument(
               "--output", default=str(BUNDLED_FOLDER), help="the model folder to write"))
 def _run_all(config: TrainConfig, args: argparse.Namespace) -> None:
-    from minisd import train_clip, train_vae  # noqa: F401  (they register clip and vae)
+    from minisd.training import clip, vae  # noqa: F401  (they register clip and vae)
 
     defaults = TrainConfig(name="all")
     changed = [f.name for f in fields(TrainConfig) if f.name not in SHARED_FIELDS
@@ -391,7 +392,7 @@ def _run_all(config: TrainConfig, args: argparse.Namespace) -> None:
     if changed:
         options = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise ValueError(f"{options}: `all` runs every stage with its own settings; change them "
-                         f"per stage (python -m minisd.train vae|clip|unet {options} …)")
+                         f"per stage (python -m minisd.training vae|clip|unet {options} …)")
     parser = build_parser()
     start = time.perf_counter()
     for stage in STAGES:

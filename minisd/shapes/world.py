@@ -1,9 +1,9 @@
-"""Data: the sample photographs in `data/` and the shapes world.
+"""The shapes world: the procedural data the bundled text-to-image model learns from.
 
-Pictures enter the models as float tensors (3, H, W) in [−1, 1], the range Stable
-Diffusion's VAE is trained on (pixel/127.5 − 1).
+Pictures are float tensors (3, 64, 64) in [−1, 1], the range Stable Diffusion's VAE is
+trained on (pixel/127.5 − 1).
 
-The shapes world is what the bundled text-to-image model learns from: 64×64 pictures of
+The world: 64×64 pictures of
 one or two objects — a shape (circle, square, triangle) in one of six colours, small or
 large, in one cell of a 3×3 grid, on a white, gray or black background — each with a
 varied English caption and the structured attributes of every object. Two-object captions
@@ -20,58 +20,12 @@ picture nor in a caption; in the test split every odd-numbered sample has one.
 import random
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from string import Formatter
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SAMPLE_IMAGES = {
-    "astronaut": "astronaut.jpg",
-    "cat": "cat.jpg",
-    "coffee": "coffee.jpg",
-    "rocket": "rocket.jpg",
-}
-
-
-def load_image(name_or_path: str | Path, size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """Load a sample photo by name (see `SAMPLE_IMAGES`) or any image file by path.
-
-    Args:
-        name_or_path: "astronaut", "cat", "coffee", "rocket", or a path to an image file.
-        size: None keeps the file's size; an int resizes the short side to `size` and
-            centre-crops to a square `size`×`size`; (height, width) resizes to exactly that.
-    Returns:
-        float32 tensor (3, H, W) with values in [−1, 1].
-    Raises:
-        FileNotFoundError for an unknown name (listing the available ones) or a missing file.
-    """
-    path = Path(name_or_path)
-    if str(name_or_path) in SAMPLE_IMAGES:
-        path = DATA_DIR / SAMPLE_IMAGES[str(name_or_path)]
-    elif not path.is_file():
-        raise FileNotFoundError(f"no sample image or file named {str(name_or_path)!r}; "
-                                f"sample images: {', '.join(SAMPLE_IMAGES)}")
-    image = Image.open(path).convert("RGB")
-    if isinstance(size, int):
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((w, h), Image.Resampling.LANCZOS)
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    elif size is not None:
-        height, width = size
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return pixels.permute(2, 0, 1) / 127.5 - 1.0
-
-
-# ---------------------------------------------------------------------------------------
-# The shapes world
-# ---------------------------------------------------------------------------------------
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw at 4× the size, then average 4×4 blocks: anti-aliased edges
@@ -409,6 +363,6 @@ def evaluation_prompts(n: int = 200, seed: int = 0,
                        two_object_fraction: float = 0.3) -> list[Prompt]:
     """The first `n` prompts of the test split (every odd one, and some others, with a
     HELD_OUT pair: 120 of the first 200), for
-    `minisd.evaluate.evaluate`."""
+    `minisd.shapes.evaluate.evaluate`."""
     ds = ShapesDataset("test", n, seed, two_object_fraction)
     return [ds.prompt(i) for i in range(n)]

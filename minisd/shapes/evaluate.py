@@ -21,8 +21,8 @@ do the reading with no learned model, by image analysis alone (`read`):
 `score` compares one reading with a prompt's attributes; `evaluate` generates pictures for
 many prompts and reports accuracy per attribute, for two-object binding (both colour–shape
 pairs and the relation right) and separately for prompts with a held-out pair.
-Command line: `python -m minisd.evaluate --dataset` measures the judge on real samples;
-`python -m minisd.evaluate --model data/minisd-shapes` judges a model's pictures for the 200
+Command line: `python -m minisd.shapes.evaluate --dataset` measures the judge on real samples;
+`python -m minisd.shapes.evaluate --model data/minisd-shapes` judges a model's pictures for the 200
 test prompts (`evaluate_model`), the table of the bundled model's card.
 """
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minisd.data import (
+from minisd.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     IMAGE_SIZE,
@@ -312,7 +312,7 @@ def evaluate(generate_fn, prompts: list[Prompt], batch_size: int = 32, progress:
     Args:
         generate_fn: list of B captions → B pictures: a tensor (B, 3, H, W) in [−1, 1] or
             a list of anything `score` takes.
-        prompts: Prompt objects, e.g. `minisd.data.evaluation_prompts()`.
+        prompts: Prompt objects, e.g. `minisd.shapes.world.evaluation_prompts()`.
         batch_size: captions per call of `generate_fn`.
         progress: a tqdm bar over batches; False writes nothing but the table.
         print_table: print `format_table` of the result.
@@ -372,14 +372,14 @@ def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int 
                    guidance_scale: float = GUIDANCE_SCALE, seed: int = 0,
                    scheduler: str | None = None, prompt_seed: int = 0, batch_size: int = 50,
                    device=None, progress: bool = True, print_table: bool = True) -> dict:
-    """Judge a text-to-image model on `minisd.data.evaluation_prompts(num_prompts,
+    """Judge a text-to-image model on `minisd.shapes.world.evaluation_prompts(num_prompts,
     prompt_seed)`: the bundled model by default, or a model folder (anything
     `StableDiffusionPipeline.from_pretrained` loads). Pictures at the U-Net's native size,
     `num_inference_steps` of the folder's scheduler (or `scheduler`, a name) with
     classifier-free guidance `guidance_scale`, prompt k with seed `seed + k`.
     Returns the dict of `evaluate`."""
-    from minisd.data import evaluation_prompts
     from minisd.pipeline import StableDiffusionPipeline
+    from minisd.shapes.world import evaluation_prompts
 
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32,
                                                    device=device)
@@ -389,11 +389,11 @@ def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int 
 
 
 def main(argv=None):
-    """`python -m minisd.evaluate --dataset [--split test] [--num-samples 2000] [--seed 0]
-    [--json PATH]` measures the judge on real samples; `python -m minisd.evaluate --model
+    """`python -m minisd.shapes.evaluate --dataset [--split test] [--num-samples 2000] [--seed 0]
+    [--json PATH]` measures the judge on real samples; `python -m minisd.shapes.evaluate --model
     data/minisd-shapes [--num-prompts 200] [--steps 25] [--guidance 4] [--scheduler NAME]
     [--seed 0] [--json PATH]` judges a model's pictures for the test prompts."""
-    parser = argparse.ArgumentParser(prog="python -m minisd.evaluate", description=(
+    parser = argparse.ArgumentParser(prog="python -m minisd.shapes.evaluate", description=(
         "Prompt adherence on the shapes world, judged by image analysis."))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", action="store_true",

@@ -6,25 +6,15 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import tiny_batch, tiny_config
 
-from minisd.clip import CLIPTextConfig
-from minisd.clip_model import CLIPConfig, CLIPImageConfig, CLIPImageEncoder, CLIPModel, clip_loss
-
-
-def tiny_config() -> CLIPConfig:
-    text = CLIPTextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, projection_dim=8,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
-                          pad_token_id=39, bos_token_id=38, eos_token_id=39)
-    image = CLIPImageConfig(image_size=16, block_out_channels=(8, 16), hidden_size=12,
-                            norm_num_groups=4)
-    return CLIPConfig(text, image, projection_dim=8)
-
-
-def tiny_batch(n: int = 3):
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 38, (n, 12), generator=generator)
-    ids[:, 0], ids[:, 7:] = 38, 39
-    return ids, torch.rand(n, 3, 16, 16, generator=generator) * 2 - 1
+from minisd.clip_contrastive import (
+    CLIPConfig,
+    CLIPImageConfig,
+    CLIPImageEncoder,
+    CLIPModel,
+    clip_loss,
+)
 
 
 def test_clip_loss_equals_a_hand_computation():

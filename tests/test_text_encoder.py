@@ -1,6 +1,6 @@
 """CLIPTextModel: parity with transformers' CLIPTextModel (small random config and SD v1's),
-the SD v1 parameter count, pooling at the first EOS, clip skip (C15), state-dict layouts
-(C16), attention recording, saving and loading, bad input."""
+the SD v1 parameter count, pooling at the first EOS, clip skip, state-dict layouts
+, attention recording, saving and loading, bad input."""
 
 import json
 import re
@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file
 
 from minisd.attention import record_attention
-from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
 
 SMALL = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 16,
@@ -106,7 +106,7 @@ def test_pooler_reads_the_first_eos_not_the_largest_id():
     assert not torch.allclose(out.pooler_output, out.last_hidden_state[[0, 1], largest])
 
 
-def test_c15_clip_skip():
+def test_clip_skip():
     reference, ours = small_pair()
     ids = small_ids()
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_c15_clip_skip():
             ours(ids, clip_skip=bad)
 
 
-def test_c16_prefix_and_position_ids_variants_load_the_same():
+def test_prefix_and_position_ids_variants_load_the_same():
     reference, ours = small_pair()
     plain = reference.state_dict()
     variants = [plain, {"embeddings.position_ids": torch.arange(16)[None], **plain},
@@ -140,7 +140,7 @@ def test_c16_prefix_and_position_ids_variants_load_the_same():
         close(model(ids).last_hidden_state, expected)
 
 
-def test_c16_other_keys_fail_naming_them():
+def test_other_keys_fail_naming_them():
     reference, ours = small_pair()
     plain = reference.state_dict()
     with pytest.raises(ValueError, match=r"unexpected keys: text_model\.logit_scale"):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 
 __all__ = ["CLIPConfig", "CLIPImageConfig", "CLIPImageEncoder", "CLIPModel", "CLIPOutput",
            "clip_loss"]

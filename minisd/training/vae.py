@@ -1,6 +1,6 @@
 """The recipe of the bundled VAE: a small AutoencoderKL trained on the shapes world.
 
-`python -m minisd.train vae` trains it with the shared loop (`minisd.train.train`) in two
+`python -m minisd.training vae` trains it with the shared loop (`minisd.training.loop.train`) in two
 phases, then measures and saves it:
 
 1. Crops: `config.steps` (`--steps`) steps on random 32×32 crops of the pictures, cut on the latent grid
@@ -16,12 +16,12 @@ phases, then measures and saves it:
    `scale_factor = 1 / z.flatten().std()`).
 4. The VAE is written in diffusers layout (`config.json` + `diffusion_pytorch_model.safetensors`,
    float16 by default), read back, and evaluated on test pictures: PSNR, and whether the
-   prompt-adherence judge (`minisd.evaluate`) reads the same attributes from each original and
+   prompt-adherence judge (`minisd.shapes.evaluate`) reads the same attributes from each original and
    its reconstruction.
 
 The pictures (`WorldPictures`) are the shapes world's, with every colour–shape pair: a VAE that
 never saw a red triangle draws it orange, and the composition test of the text-to-image model
-(held-out pairs, `minisd.data.HELD_OUT`) would then measure the VAE's blind spot, not the
+(held-out pairs, `minisd.shapes.world.HELD_OUT`) would then measure the VAE's blind spot, not the
 U-Net's. SD's VAE, likewise, was trained on other pictures (OpenImages) than its U-Net. The
 held-out pairs stay out of everything captioned (CLIP, U-Net).
 
@@ -60,12 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from minisd.data import ALL_PAIRS, Scene, ShapesDataset, render, sample_scene
-from minisd.evaluate import ATTRIBUTES, score
-from minisd.train import TrainConfig, init_distributed, register, train
+from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
+from minisd.shapes.evaluate import ATTRIBUTES, score
+from minisd.shapes.world import ALL_PAIRS, Scene, ShapesDataset, render, sample_scene
+from minisd.training.loop import TrainConfig, init_distributed, register, train
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig, vae_loss
 
-BUNDLED_FOLDER = Path(__file__).resolve().parent.parent / "data" / "minisd-shapes"
+BUNDLED_FOLDER = data_dir() / BUNDLED_MODEL_NAME
 KL_WEIGHT = 1e-3  # β; SD's VAE used 1e-6 (see minisd.vae.vae_loss and the module docstring)
 OBJECT_WEIGHT = 20.0  # extra weight of the pixels on and around objects (object_mask)
 OBJECT_MARGIN = 2  # pixels around each object that count as the object's (object_mask)
@@ -99,7 +100,7 @@ def new_vae(config: AutoencoderKLConfig, initial_logvar: float = INITIAL_LOGVAR)
 
 
 class WorldPictures(Dataset):
-    """Pictures of the shapes world with every colour–shape pair (`minisd.data.ALL_PAIRS`),
+    """Pictures of the shapes world with every colour–shape pair (`minisd.shapes.world.ALL_PAIRS`),
     for the VAE (module docstring). Otherwise drawn as the train split draws them
     (`sample_scene`, `render`); picture i of a seed is always the same.
 
@@ -172,7 +173,7 @@ def object_mask(images: torch.Tensor, margin: int = OBJECT_MARGIN,
 
 def vae_loss_fn(kl_weight: float = KL_WEIGHT, reconstruction: str = "l2",
                 object_weight: float = OBJECT_WEIGHT, object_margin: int = OBJECT_MARGIN):
-    """The `loss_fn(model, batch)` for `minisd.train.train`: batch = (pictures (B, 3, H, W) in
+    """The `loss_fn(model, batch)` for `minisd.training.loop.train`: batch = (pictures (B, 3, H, W) in
     [−1, 1], captions, which are ignored); z is sampled from q(z | x) (the reparameterisation
     trick), decoded, and scored by `vae_loss`, with the pixels of `object_mask` weighted
     1 + `object_weight` (module docstring). Returns {"loss", "reconstruction", "kl"}."""
@@ -223,7 +224,7 @@ def evaluate_reconstructions(vae: AutoencoderKL, num_samples: int = 500, split: 
     """Reconstruct the first `num_samples` pictures of the shapes world's `split` through the
     posterior mean (encode → mode → decode) and compare.
 
-    The judge (`minisd.evaluate.score`) scores each original and its reconstruction against
+    The judge (`minisd.shapes.evaluate.score`) scores each original and its reconstruction against
     the sample's full attributes; a reconstruction "agrees" on an attribute when its verdict
     is the original's. Attributes are counted over the pictures that have them ("relation"
     and "binding": two-object pictures only).
@@ -269,7 +270,7 @@ def format_evaluation(results: dict) -> str:
 class VAETrainResult:
     """What `train_vae` returns: the VAE (with its scaling factor; read back from the saved
     folder, float32, when one was written); the loop's per-step histories of the crop and
-    the whole-picture phases (see `minisd.train.TrainResult`; empty for a skipped phase);
+    the whole-picture phases (see `minisd.training.loop.TrainResult`; empty for a skipped phase);
     and `evaluation` (`evaluate_reconstructions`' dict, or None)."""
 
     vae: AutoencoderKL

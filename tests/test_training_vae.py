@@ -1,4 +1,4 @@
-"""Tests of the bundled VAE's recipe (minisd.train_vae), the committed VAE in
+"""Tests of the bundled VAE's recipe (minisd.training.vae), the committed VAE in
 data/minisd-shapes/vae, and the latent interpolation picture (minisd.viz)."""
 
 import json
@@ -15,9 +15,9 @@ from safetensors import safe_open
 from torch import nn
 
 from minisd import viz
-from minisd.data import HELD_OUT, ShapesDataset
-from minisd.train import TrainConfig
-from minisd.train_vae import (
+from minisd.shapes.world import HELD_OUT, ShapesDataset
+from minisd.training.loop import TrainConfig
+from minisd.training.vae import (
     BUNDLED_FOLDER,
     INITIAL_LOGVAR,
     RandomCrops,
@@ -284,9 +284,9 @@ def test_evaluation_of_a_perfect_and_a_blank_reconstruction():
 
 
 def test_command_line_target_vae(tmp_path):
-    """`python -m minisd.train vae` is registered and writes a loadable folder."""
+    """`python -m minisd.training vae` is registered and writes a loadable folder."""
     folder = tmp_path / "vae"
-    command = [sys.executable, "-m", "minisd.train", "vae", "--steps", "2", "--batch-size", "4",
+    command = [sys.executable, "-m", "minisd.training", "vae", "--steps", "2", "--batch-size", "4",
                "--device", "cpu", "--no-progress", "--out-dir", "none", "--output", str(folder),
                "--block-out-channels", "8", "16", "--norm-num-groups", "4", "--crop-size", "16",
                "--full-steps", "1", "--full-batch-size", "4", "--train-samples", "16",
@@ -328,7 +328,7 @@ def test_draw_latent_interpolation_decodes_the_blended_means():
 
 
 @pytest.mark.skipif(not BUNDLED_VAE.is_dir(), reason="the bundled VAE is trained by "
-                    "`python -m minisd.train vae`")
+                    "`python -m minisd.training vae`")
 def test_bundled_vae_reconstructs_what_the_judge_reads():
     vae = AutoencoderKL.from_pretrained(BUNDLED_VAE).eval()
     assert vae.scaling_factor == pytest.approx(0.523347, abs=1e-6)

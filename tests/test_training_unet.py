@@ -1,6 +1,6 @@
-"""The U-Net's training recipe (minisd.train_unet): the loss, caption dropout, the cache, the
+"""The U-Net's training recipe (minisd.training.unet): the loss, caption dropout, the cache, the
 saved folder (read back by minisd, diffusers and the pipeline), the `all` command, and the
-committed bundled model's pictures as judged by minisd.evaluate."""
+committed bundled model's pictures as judged by minisd.shapes.evaluate."""
 
 import json
 
@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minisd import train_unet as recipe
-from minisd.clip import CLIPTextConfig, CLIPTextModel
-from minisd.data import ShapesDataset, evaluation_prompts
-from minisd.evaluate import GUIDANCE_SCALE, evaluate, pipeline_generate_fn
 from minisd.noise import NoiseSchedule
-from minisd.pipeline import BUNDLED_MODEL, StableDiffusionPipeline
+from minisd.package_data import data_dir
+from minisd.pipeline import StableDiffusionPipeline
+from minisd.shapes.evaluate import GUIDANCE_SCALE, evaluate, pipeline_generate_fn
+from minisd.shapes.world import ShapesDataset, evaluation_prompts
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
-from minisd.train import TARGETS, TrainConfig, main
+from minisd.training import unet as recipe
+from minisd.training.loop import TARGETS, TrainConfig, main
 from minisd.unet import UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -194,12 +195,12 @@ def test_bundled_config_attends_only_to_text_at_16x16():
 
 
 def test_missing_parts_say_what_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m minisd.train vae"):
+    with pytest.raises(FileNotFoundError, match="python -m minisd.training vae"):
         recipe.load_frozen_parts(tmp_path)
 
 
 def test_all_runs_the_stages_in_order(monkeypatch, tmp_path):
-    from minisd import train_clip, train_vae  # noqa: F401  (they register clip and vae)
+    from minisd.training import clip, vae  # noqa: F401  (they register clip and vae)
     calls = []
     for stage in recipe.STAGES:
         monkeypatch.setattr(TARGETS[stage], "run",
@@ -224,8 +225,8 @@ MEASURED = {"colour": 0.833, "shape": 0.667, "position": 1.0}
 MARGIN = 0.25
 
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "unet").is_dir(), reason="the bundled U-Net is trained "
-                    "by `python -m minisd.train unet`")
+@pytest.mark.skipif(not (data_dir() / "minisd-shapes" / "unet").is_dir(), reason="the bundled U-Net is trained "
+                    "by `python -m minisd.training unet`")
 def test_bundled_model_draws_what_the_prompt_says():
     pipe = StableDiffusionPipeline.from_pretrained(device="cpu")
     results = evaluate(pipeline_generate_fn(pipe, 10, GUIDANCE_SCALE), evaluation_prompts(12),

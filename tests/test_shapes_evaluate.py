@@ -1,4 +1,4 @@
-"""The prompt-adherence judge (minisd.evaluate): measurements on drawn shapes, accuracy on
+"""The prompt-adherence judge (minisd.shapes.evaluate): measurements on drawn shapes, accuracy on
 real samples, failure on pictures without objects, and the evaluate/CLI contract."""
 
 import math
@@ -10,17 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minisd.data import (
-    BACKGROUNDS,
-    COLOURS,
-    Prompt,
-    Scene,
-    SceneObject,
-    ShapesDataset,
-    evaluation_prompts,
-    render,
-)
-from minisd.evaluate import (
+from minisd.shapes.evaluate import (
     _components,
     evaluate,
     format_table,
@@ -30,6 +20,16 @@ from minisd.evaluate import (
     relation,
     score,
     to_pixels,
+)
+from minisd.shapes.world import (
+    BACKGROUNDS,
+    COLOURS,
+    Prompt,
+    Scene,
+    SceneObject,
+    ShapesDataset,
+    evaluation_prompts,
+    render,
 )
 
 OBJECT_ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation", "binding")

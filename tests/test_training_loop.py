@@ -1,21 +1,18 @@
-"""Tests of the shared training loop (minisd.train) and the EMA (minisd.ema). Case C21."""
+"""Tests of the shared training loop (minisd.training.loop) and the EMA (minisd.training.ema)."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torchrun
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from minisd.ema import EMA
-from minisd.train import (
+from minisd.training.ema import EMA
+from minisd.training.loop import (
     TrainConfig,
     build_parser,
     config_from_args,
@@ -116,7 +113,7 @@ def test_worker_processes_do_not_change_the_run():
     assert_equal_weights(weights(workers.model), weights(in_process.model))
 
 
-def test_c21_progress_false_writes_nothing(capfd):
+def test_progress_false_writes_nothing(capfd):
     train(mlp(), noisy_mse, regression_data(), quiet(steps=20, ema_decay=0.9))
     out, err = capfd.readouterr()
     assert out == "" and err == ""
@@ -313,23 +310,6 @@ def three_steps_then_resume_to_four(model: nn.Module, out_dir: str):
     return weights(first.model), history, weights(resumed.model)
 
 
-def torchrun(*args: str) -> str:
-    """Run `torchrun --standalone --nproc_per_node=2 *args` on CPU; return its stdout.
-    On a hang, the whole process group is killed after 120 s."""
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = launcher.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-        raise
-    assert launcher.returncode == 0, stderr[-3000:]
-    return stdout
-
-
 def ddp_case(out: str) -> None:
     """Run in each torchrun process with a different initial model per rank (DDP must
     broadcast rank 0's); each rank's weights and history saved."""
@@ -344,7 +324,7 @@ def ddp_case(out: str) -> None:
 def test_ddp_two_processes_match_one(tmp_path):
     script = tmp_path / "ddp_case.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      f"from test_train import ddp_case\nddp_case({str(tmp_path)!r})\n")
+                      f"from test_training_loop import ddp_case\nddp_case({str(tmp_path)!r})\n")
     torchrun(str(script))
     rank0 = load_file(tmp_path / "rank0.safetensors")
     rank1 = load_file(tmp_path / "rank1.safetensors")
@@ -376,10 +356,10 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def test_ddp_command_line_under_torchrun(tmp_path, capsys):
-    """`python -m minisd.train toy` unchanged under torchrun: one printed summary (rank 0),
+    """`python -m minisd.training toy` unchanged under torchrun: one printed summary (rank 0),
     and the weights of the one-process command within 1e-6."""
     options = ["toy", "--steps", "20", "--batch-size", "32", "--no-progress", "--device", "cpu"]
-    stdout = torchrun("-m", "minisd.train", *options, "--out-dir", str(tmp_path / "ddp"))
+    stdout = torchrun("-m", "minisd.training", *options, "--out-dir", str(tmp_path / "ddp"))
     assert stdout.count("toy: loss") == 1
     main([*options, "--out-dir", str(tmp_path / "single")])
     assert capsys.readouterr().out.count("toy: loss") == 1

@@ -1,4 +1,4 @@
-"""The shapes world (minisd.data): determinism, captions that tell the truth, the held-out
+"""The shapes world (minisd.shapes.world): determinism, captions that tell the truth, the held-out
 split, the DataLoader contract and clear errors for bad names."""
 
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from minisd.data import (
+from minisd.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,
