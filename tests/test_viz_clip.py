@@ -1,9 +1,9 @@
 """The chapter-3 draw functions of minisd.viz, without widgets."""
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
+from figures import readable
 
 from minisd import viz
 from minisd.clip_contrastive import CLIPModel
@@ -41,7 +41,8 @@ def test_draw_prompt_matches_shows_the_best_pictures_and_the_tokens(parts):
     assert title.startswith(f"{len(tokenizer.encode('red zebra'))} tokens + BOS/EOS, padded "
                             "to 77:")
     assert "red_:" in title and "z:" in title      # an unseen word: byte pieces
-    plt.close(fig)
+    readable(fig)
+    readable(viz.draw_prompt_matches("red zebra", tokenizer, model, pictures, embeds, k=8))
     with pytest.raises(ValueError, match="k=9; choose 1…8"):
         viz.draw_prompt_matches("red", tokenizer, model, pictures, embeds, k=9)
     with pytest.raises(ValueError, match="8 pictures but 7 image vectors"):
@@ -57,6 +58,7 @@ def test_draw_similarity_outlines_each_rows_best(parts):
     assert outlined == [(0.0, 1.0), (1.0, 0.0)]          # (column, row) of each row's maximum
     assert [t.get_text() for t in heat.get_yticklabels()] == ["first caption", "second"]
     assert len(heat.texts) == 6
-    plt.close(fig)
+    readable(fig)
+    readable(viz.draw_similarity(torch.rand(8, 8), pictures, [f"caption {i}" for i in range(8)]))
     with pytest.raises(ValueError, match=r"expected \(2 captions, 2 pictures\)"):
         viz.draw_similarity(similarity, pictures[:2], ["a", "b"])

@@ -5,9 +5,12 @@ decoded predictions of the steps it names, and bad input fails clearly."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import tiny_pipeline
+import torch
+from conftest import SD_SCHEDULE, tiny_pipeline
+from figures import readable
 
 from minisd import viz
+from minisd.schedulers import from_name
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_the_picture_is_the_pipelines_and_the_title_names_the_settings(pipe):
     np.testing.assert_allclose(shown(fig.axes[-1]), viz.to_image(expected), atol=1e-6)
     assert fig.axes[-1].get_title() == ("“a red circle”, not “blue”\n"
                                         "euler, 5 steps, s = 3, seed 7")
-    plt.close(fig)
+    readable(fig)
 
 
 def test_previews_are_the_decoded_x0_of_the_first_middle_and_last_step(pipe):
@@ -63,3 +66,35 @@ def test_bad_input_fails_clearly(pipe):
         viz.draw_text_to_image(pipe, "red", num_inference_steps=2, scheduler="plms")
     with pytest.raises(ValueError, match="num_inference_steps"):
         viz.draw_text_to_image(pipe, "red", num_inference_steps=0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_noise_prediction_reads_the_u_nets_output_by_its_prediction_type(kind):
+    """With a U-Net that predicts its target exactly, the predicted noise is the noise added
+    and the guess is the clean picture, whatever the model predicts (ε, v or x_0)."""
+    pipe = tiny_pipeline("ddim")
+    pipe.scheduler = from_name("ddim", {**SD_SCHEDULE, "prediction_type": kind})
+    picture = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    t, seed = 600, 4
+    generator = torch.Generator().manual_seed(seed)            # the draws the function makes
+    z0 = pipe.vae.encode_latents(picture[None], generator).detach()
+    noise = torch.randn(z0.shape, generator=generator)
+    a = pipe.scheduler.alphas_cumprod[t]
+    target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
+              "sample": z0}[kind]
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))   # the pipeline's device, dtype
+
+        def forward(self, sample, timestep, context):
+            return target
+
+    pipe.unet = Oracle()
+    fig = viz.draw_noise_prediction(pipe, picture, "red", t, seed=seed)
+    panels = [shown(ax) for ax in fig.axes]
+    np.testing.assert_allclose(panels[3], panels[2], atol=1e-5)      # predicted == added noise
+    clean = pipe.decode(z0, output_type="pt")[0] * 2 - 1
+    np.testing.assert_allclose(panels[4], viz.to_image(clean), atol=1e-5)
+    readable(fig)

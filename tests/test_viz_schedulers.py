@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from figures import readable
 
 from minisd import schedulers as S
 from minisd import viz
@@ -62,7 +63,8 @@ def test_plot_scheduler_grids_draws_each_grid():
     for line, s in zip(ax_s.get_lines(), schedulers.values()):
         assert len(line.get_ydata()) == 11
         np.testing.assert_allclose(line.get_ydata(), viz.grid_sigmas(s).numpy())
-    plt.close(fig)
+    assert ax_t.get_ylabel().startswith("timestep t") and ax_s.get_ylabel().startswith("σ")
+    readable(fig)
 
 
 def test_draw_trajectories_one_row_per_scheduler():
@@ -77,7 +79,7 @@ def test_draw_trajectories_one_row_per_scheduler():
     np.testing.assert_allclose(np.asarray(first.get_images()[0].get_array()),
                                viz.to_image(pictures[0]))
     assert not last.get_images()                               # the shorter row stays empty
-    plt.close(fig)
+    readable(fig)
 
 
 class RenderingPipe:
