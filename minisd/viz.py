@@ -18,7 +18,6 @@ from itertools import pairwise
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import PowerNorm
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from minisd.schedulers import sigmas_from_alphas_cumprod
@@ -246,8 +245,13 @@ def interactive(draw, **controls):
 
 def sampling_defaults(pipe) -> dict:
     """The sampling settings `pipe(prompt)` uses when a call names none: {"num_inference_steps":
-    n, "guidance_scale": s}, read from the pipeline (its model's own defaults), so that a
+    n, "guidance_scale": s}. They are the model's own (`pipe.sampling_defaults`, from its
+    `model_index.json`) where the pipeline has them, else the defaults of its call, so a
     notebook written for one bundled model runs unchanged with the next."""
+    own = getattr(pipe, "sampling_defaults", None)
+    if own is not None:
+        return {"num_inference_steps": own.num_inference_steps,
+                "guidance_scale": own.guidance_scale}
     parameters = inspect.signature(pipe.__call__).parameters
     return {name: parameters[name].default for name in ("num_inference_steps", "guidance_scale")}
 
@@ -578,32 +582,32 @@ def _token_label(token: str) -> str:
     return token.strip().replace("<|startoftext|>", "start").replace("<|endoftext|>", "end")
 
 
-def draw_token_maps(maps, steps=None, size: float = 1.25, ncols: int = 6):
+def draw_token_maps(maps, steps=None, size: float = 1.3, ncols: int = 5):
     """The picture and the cross-attention map of every token of its prompt, `ncols` panels
-    a row, all on one colour scale with its colour bar.
+    a row, each map with its own colour bar.
 
     maps: a `minisd.attention_maps.CrossAttentionMaps`; steps: which steps to average
-    (None: all). The values are attention probabilities (the share of a pixel's attention
-    that goes to the token, averaged over heads, layers and steps), on a square-root colour
-    scale so that small shares stay visible beside the start token, which takes most.
-    Returns the Figure.
+    (None: all). The values are attention probabilities: the share of a pixel's attention that
+    goes to the token, averaged over heads, layers and steps. Each map has its own scale (the
+    start token takes far more than the words), from 0 to its maximum, both marked on its
+    colour bar. Returns the Figure.
     """
     heats = [maps.token_map(i, steps).numpy() for i in range(len(maps.tokens))]
-    norm = PowerNorm(0.5, vmin=0.0, vmax=max(float(h.max()) for h in heats))
     nrows = -(-(len(heats) + 1) // ncols)
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
-                             figsize=_figure_size(size * ncols + 1.0, (size + 0.3) * nrows))
+                             figsize=_figure_size((size + 0.45) * ncols, (size + 0.35) * nrows))
     axes = axes.ravel()
     axes[0].imshow(to_image(maps.image), interpolation="nearest")
     axes[0].set_title("picture", fontsize=9)
     for ax, heat, token in zip(axes[1:], heats, maps.tokens):
-        shown = ax.imshow(heat, cmap="inferno", norm=norm)
+        top = float(heat.max())
+        shown = ax.imshow(heat, cmap="inferno", vmin=0.0, vmax=top)
         ax.set_title(_token_label(token), fontsize=9)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.08, pad=0.03, ticks=[0.0, top])
+        bar.ax.set_yticklabels(["0", f"{top:.2f}"], fontsize=7)
     for ax in axes:
         ax.axis("off")
-    bar = fig.colorbar(shown, ax=list(axes), shrink=0.9)
-    bar.set_label("attention probability", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    fig.suptitle("attention probability of each token (each map on its own scale)", fontsize=9)
     return fig
 
 
@@ -687,7 +691,7 @@ def draw_similarity(similarity: torch.Tensor, pictures, captions, size: float = 
     fig = plt.figure(figsize=(3.2 + size * n_image, size * (n_text + 1.2)))
     grid = fig.add_gridspec(2, 1, height_ratios=[1, n_text], hspace=0.05,
                             left=2.9 / (3.2 + size * n_image), right=0.98, top=0.98,
-                            bottom=0.2 / (n_text + 1.2))
+                            bottom=0.45 / (size * (n_text + 1.2)))
     strip = fig.add_subplot(grid[0])
     strip.imshow(np.concatenate([to_image(p) for p in pictures], axis=1),
                  interpolation="nearest", extent=(-0.5, n_image - 0.5, 0, 1), aspect="auto")
@@ -701,6 +705,8 @@ def draw_similarity(similarity: torch.Tensor, pictures, captions, size: float = 
                       fontsize=7, color="white")
     heat.set_yticks(range(n_text), [textwrap.shorten(c, 42) for c in captions], fontsize=8)
     heat.set_xticks([])
+    heat.set_xlabel("the picture above each column; in each cell, the caption–picture score",
+                    fontsize=8)
     return fig
 
 
