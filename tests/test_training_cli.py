@@ -1,12 +1,14 @@
 """The command line of the training wing (`python -m minisd.training`, minisd.training.__main__):
 an explicit table of commands, each built from one settings dataclass, callable from Python."""
 
+import inspect
 import subprocess
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 import pytest
 
+from minisd.training import clip, stages, unet, vae
 from minisd.training.__main__ import (
     COMMANDS,
     add_options,
@@ -34,6 +36,8 @@ def test_the_table_names_every_command_and_its_settings():
     assert {name: c.settings for name, c in COMMANDS.items()} == {**RECIPES, "all": AllConfig}
     for settings in RECIPES.values():
         assert issubclass(settings, TrainConfig)
+    for module in (vae, clip, unet, stages):  # no command line written by hand beside them
+        assert "argparse" not in inspect.getsource(module), module.__name__
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -10,9 +10,10 @@ of its own (`stage_commands`), all writing into one model folder `output`:
 1. `vae` and `clip` at once: they do not depend on each other, so on a 2-core machine they
    run as two processes of one thread each (OMP_NUM_THREADS=1), one per core;
 2. then `unet`, which reads the VAE, the text encoder and the tokenizer from `output`,
-   either as two DDP processes of one thread each (torchrun, gloo) or as one process of
-   two threads (`unet_launch`; the measurements behind the default are in
-   `minisd.training.unet`).
+   as two DDP processes of one thread each (torchrun, gloo; `unet_launch="ddp"`) or as one
+   process of two threads (`"threads"`). DDP is the default: as fast on an idle machine, and
+   on a shared one two OpenMP threads were measured 10× slower than one while two processes
+   were not slowed (the measurements are in `minisd.training.unet`).
 
 Everything a run leaves besides the model goes to `work_dir` (default `<output>/checkpoints`):
 each stage's checkpoints (`<work_dir>/<stage>/`), the U-Net's encoded training set, each
@@ -135,9 +136,13 @@ def stage_commands(config: AllConfig) -> dict[str, StageCommand]:
     return commands
 
 
-def _log(config: AllConfig, line: str) -> None:
+def _log(config: AllConfig, line: str, show: bool = False) -> None:
+    """Append `line` to the run's log with the time; with `show` (and `progress`) also print it
+    above the progress bars."""
     with open(Path(config.output) / LOG_NAME, "a", encoding="utf-8") as log:
         log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S}  {line}\n")
+    if show and config.progress:
+        tqdm.write(line)
 
 
 # tqdm's text: "<desc>:  37%|███▋      | 370/1000 [00:10<00:20, ...]"
@@ -196,7 +201,8 @@ def _start(command: StageCommand, config: AllConfig, position: int) -> _Running:
                                    stdin=subprocess.DEVNULL)
     _log(config, f"{command.stage}: started: {command}")
     bar = tqdm(total=1, desc=command.stage, position=position, disable=not config.progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}]")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}]",
+               dynamic_ncols=True)
     return _Running(command, process, output, time.perf_counter(), bar)
 
 
@@ -219,8 +225,9 @@ def _run_together(commands: list[StageCommand], config: AllConfig) -> None:
                     bar = _last_bar(r.output)
                     if bar is not None:
                         desc, r.bar.n, r.bar.total = bar
-                        r.bar.set_description(r.command.stage if desc == r.command.stage
-                                              else f"{r.command.stage}: {desc}")
+                        stage = r.command.stage
+                        r.bar.set_description_str(desc if desc.startswith(stage)
+                                                  else f"{stage}: {desc}")
                     continue
                 r.process.returncode = code = os.waitstatus_to_exitcode(status)
                 running.remove(r)
@@ -229,18 +236,18 @@ def _run_together(commands: list[StageCommand], config: AllConfig) -> None:
                 stage = r.command.stage
                 if code != 0:
                     _log(config, f"{stage}: FAILED (exit code {code}) after {wall:.1f} s wall, "
-                                 f"{cpu:.1f} s CPU; output: {r.output}")
+                                 f"{cpu:.1f} s CPU; output: {r.output}", show=True)
                     raise TrainingFailed(f"the {stage} stage failed (exit code {code}): "
                                          f"{_last_words(r.output)}; its output is in {r.output}")
                 losses = ", ".join(f"{k} {v:.4g}" for k, v in
                                    last_losses(config.work / stage).items())
                 _log(config, f"{stage}: done in {wall:.1f} s wall, {cpu:.1f} s CPU; mean loss of "
-                             f"the last 50 steps: {losses or 'no checkpoint'}")
+                             f"the last 50 steps: {losses or 'no checkpoint'}", show=True)
                 (config.work / f"{stage}.done").write_text(f"{r.command}\n")
     finally:
         for r in running:
             _stop(r)
-            _log(config, f"{r.command.stage}: stopped; --resume continues it")
+            _log(config, f"{r.command.stage}: stopped; --resume continues it", show=True)
 
 
 def run_all(config: AllConfig) -> Path:
@@ -261,14 +268,12 @@ def run_all(config: AllConfig) -> Path:
         todo = []
         for stage in group:
             if (work / f"{stage}.done").is_file():
-                _log(config, f"{stage}: skipped, complete ({work / f'{stage}.done'})")
+                _log(config, f"{stage}: skipped, complete ({work / f'{stage}.done'})", show=True)
             else:
                 todo.append(commands[stage])
         if todo:
             _run_together(todo, config)
     minutes = (time.perf_counter() - start) / 60
-    _log(config, f"all: done in {minutes:.1f} min; the model is in {config.output}")
-    if config.progress:
-        print(f"all: done in {minutes:.1f} min; the model is in {config.output} "
-              f"(log: {Path(config.output) / LOG_NAME})")
+    _log(config, f"all: done in {minutes:.1f} min; the model is in {config.output} (this log: "
+                 f"{Path(config.output) / LOG_NAME})", show=True)
     return Path(config.output)

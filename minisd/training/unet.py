@@ -41,8 +41,26 @@ cost 6% more CPU time than text-only attention there and was part of the fix). O
 CPU the number of optimisation steps decides quality more than width, so the model is small
 and the run long.
 
-Threads or processes (`python -m minisd.training all` runs this stage one way or the other,
-`AllConfig.unet_launch`): THREADS_VS_DDP
+Threads or processes, on two cores (`python -m minisd.training all` runs this stage one way or
+the other, `AllConfig.unet_launch`). One training step of this U-Net (batch 64), measured with
+`benchmarks/bench_training.py` on the 2-core machine while other work shared it (1-minute load
+average 6–8), median of 3 alternated runs of 20 steps:
+
+| launch | s/step | CPU-s/step |
+|---|---|---|
+| 1 process × 1 thread | 1.67 | 0.71 |
+| 1 process × 2 OpenMP threads | 17.2 | 6.0 |
+| 2 DDP processes × 1 thread (torchrun, gloo, 32 samples each) | 1.16 | 0.78 |
+
+Two OpenMP threads were 10× slower than one: at every parallel region a thread spin-waits
+for its partner, which another program has descheduled, and the spinning burns the CPU time
+(6.0 CPU-s for a step that needs 0.7). Two processes exchange only the gradients (3.5 MB of
+float32, one all-reduce per step) and never wait inside an operation, so contention slows them
+no more than one thread. On an idle machine the two launches are about even: a step costs
+0.71 CPU-s on one thread and DDP adds about 10%, so two processes need about 0.39 s/step,
+which is what two threads took for the previous bundled model on a lightly used machine
+(3,600 steps in 23.5 min, model card). Hence `all` launches this stage as two DDP processes
+of one thread each: as fast on an idle machine, much faster on a shared one.
 """
 
 import copy
