@@ -98,8 +98,9 @@ class AllConfig:
 
     @property
     def work(self) -> Path:
+        """The folder of checkpoints, caches and stage outputs: `work_dir` or
+        `<output>/checkpoints`."""
         return Path(self.work_dir) if self.work_dir is not None else Path(self.output) / "checkpoints"
-
 
 
 @dataclass
@@ -172,7 +173,8 @@ def last_losses(folder: Path, n: int = 50) -> dict[str, float]:
     """The mean loss of the last `n` steps of each training phase under `folder` (its latest
     checkpoint's history; the VAE's whole-picture phase is `<folder>/full`), by phase."""
     found = {}
-    for phase in (folder, *sorted(p for p in folder.glob("*") if p.is_dir())):
+    for phase in (folder, *sorted(p for p in folder.glob("*") if p.is_dir()
+                                  and not p.name.startswith("checkpoint-"))):
         checkpoint = latest_checkpoint(phase)
         if checkpoint is not None:
             losses = torch.load(checkpoint / "state.pt", map_location="cpu",
