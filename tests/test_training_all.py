@@ -19,8 +19,9 @@ TINY = {
     "vae_options": "--steps 2 --batch-size 4 --block-out-channels 8 16 --norm-num-groups 4 "
                    "--crop-size 16 --full-steps 1 --full-batch-size 4 --train-samples 16 "
                    "--scale-samples 8 --eval-samples 0 --checkpoint-every 1",
-    "clip_options": "--steps 2 --batch-size 8 --vocab-captions 200 --text-width 16 "
-                    "--text-layers 1 --text-heads 2 --projection-dim 8 --eval-images 0",
+    "clip_options": "--steps 2 --batch-size 8 --vocab-captions 200 --hidden-size 16 "
+                    "--num-hidden-layers 1 --num-attention-heads 2 --projection-dim 8 "
+                    "--eval-images 0",
     "unet_options": "--steps 2 --batch-size 8 --block-out-channels 8 16 16 --train-samples 16",
 }
 

@@ -199,12 +199,13 @@ def test_contrastive_loss_under_torchrun_equals_one_process(tmp_path):
 
 def test_clip_is_a_training_command():
     assert COMMANDS["clip"].settings is tc.CLIPTrainConfig and COMMANDS["clip"].run is tc.run
-    args = build_parser()[0].parse_args(["clip", "--steps", "5", "--text-width", "64"])
+    args = build_parser()[0].parse_args(["clip", "--steps", "5", "--hidden-size", "64"])
     config = settings_from_args(tc.CLIPTrainConfig, args)
-    assert (config.steps, config.text_width, config.text_layers, config.lr) == (5, 64, 3, 2e-3)
-    with pytest.raises(ValueError, match="CLIPTrainConfig.text_heads must be a divisor of "
-                                         "text_width"):
-        tc.CLIPTrainConfig(text_width=30)
+    assert (config.steps, config.hidden_size, config.num_hidden_layers, config.lr) == (
+        5, 64, 3, 2e-3)
+    with pytest.raises(ValueError, match="CLIPTrainConfig.num_attention_heads must be a "
+                                         "divisor of hidden_size"):
+        tc.CLIPTrainConfig(hidden_size=30)
 
 
 # The committed model

@@ -71,13 +71,14 @@ class CLIPTrainConfig(TrainConfig):
                 "('none': do not save)"})
     vocab_captions: int = field(default=20_000, metadata={
         "help": "train captions the BPE vocabulary is learned from"})
-    text_width: int = field(default=128, metadata={
-        "help": "text tower width (the U-Net's cross_attention_dim)"})
-    text_layers: int = field(default=3, metadata={"help": "text tower layers"})
-    text_heads: int = field(default=4, metadata={"help": "text tower attention heads"})
+    hidden_size: int = field(default=128, metadata={
+        "help": "width of the text tower (the U-Net's cross_attention_dim)"})
+    num_hidden_layers: int = field(default=3, metadata={"help": "layers of the text tower"})
+    num_attention_heads: int = field(default=4, metadata={
+        "help": "attention heads of the text tower"})
     projection_dim: int = field(default=64, metadata={
         "help": "width of the joint text–image space"})
-    grayscale: float = field(default=0.25, metadata={
+    grayscale_p: float = field(default=0.25, metadata={
         "help": "probability of showing a training picture in grey"})
     eval_images: int = field(default=1000, metadata={
         "help": "one-object test pictures for the zero-shot accuracies (0: no evaluation)"})
@@ -85,11 +86,12 @@ class CLIPTrainConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         need = self._need
-        for name in ("vocab_captions", "text_width", "text_layers", "text_heads",
-                     "projection_dim"):
+        for name in ("vocab_captions", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "projection_dim"):
             need(getattr(self, name) >= 1, name, "at least 1")
-        need(self.text_width % self.text_heads == 0, "text_heads", "a divisor of text_width")
-        need(0 <= self.grayscale <= 1, "grayscale", "in [0, 1]")
+        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+             "a divisor of hidden_size")
+        need(0 <= self.grayscale_p <= 1, "grayscale_p", "in [0, 1]")
         need(self.eval_images >= 0, "eval_images", "non-negative")
 
 
@@ -350,9 +352,9 @@ def train_clip(config: CLIPTrainConfig) -> CLIPTrainResult | None:
     start = time.perf_counter()
     tokenizer = learn_tokenizer(config.vocab_captions, config.seed)
     torch.manual_seed(config.seed)
-    model = CLIPModel(small_clip_config(tokenizer, config.text_width, config.text_layers,
-                                        config.text_heads, config.projection_dim))
-    loss_fn = functools.partial(contrastive_loss, grayscale_p=config.grayscale)
+    model = CLIPModel(small_clip_config(tokenizer, config.hidden_size, config.num_hidden_layers,
+                                        config.num_attention_heads, config.projection_dim))
+    loss_fn = functools.partial(contrastive_loss, grayscale_p=config.grayscale_p)
     result = train(model, loss_fn, ShapesDataset("train", seed=config.seed), config,
                    collate_fn=TokenizeCollate(tokenizer))
     if init_distributed().rank != 0:
