@@ -122,7 +122,6 @@ class TrainConfig:
         need(not self.resume or self.out_dir is not None, "resume",
              "False when out_dir is None (there is nowhere to resume from)")
 
-
     def _need(self, ok: bool, name: str, what: str) -> None:
         """Raise ValueError "<class>.<name> must be <what>, got <value>" unless `ok`."""
         if not ok:
