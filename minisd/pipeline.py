@@ -338,12 +338,12 @@ class StableDiffusionPipeline:
         final state's `latents` go to `decode`. With an `image` and int(n·strength) = 0 no
         step runs and nothing is yielded.
         """
-        args = self._with_defaults(num_inference_steps, guidance_scale)
-        self.check_inputs(prompt, negative_prompt, height, width, *args, num_images_per_prompt,
-                          generator, seed, scheduler, image, strength, latents)
-        run = self._prepare(prompt, negative_prompt, height, width, *args,
-                            num_images_per_prompt, generator, seed, scheduler, image, strength,
-                            latents)
+        self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
+                          guidance_scale, num_images_per_prompt, generator, seed, scheduler,
+                          image, strength, latents)
+        run = self._prepare(prompt, negative_prompt, height, width, num_inference_steps,
+                            guidance_scale, num_images_per_prompt, generator, seed, scheduler,
+                            image, strength, latents)
         yield from self._denoise(run, progress)
 
     def _denoise(self, run: "_Run", progress: bool) -> Iterator[StepState]:
@@ -413,12 +413,12 @@ class StableDiffusionPipeline:
             ValueError or TypeError from `check_inputs`, before any work; the errors of
             `decode`.
         """
-        args = self._with_defaults(num_inference_steps, guidance_scale)
-        self.check_inputs(prompt, negative_prompt, height, width, *args, num_images_per_prompt,
-                          generator, seed, scheduler, image, strength, latents, output_type)
-        run = self._prepare(prompt, negative_prompt, height, width, *args,
-                            num_images_per_prompt, generator, seed, scheduler, image, strength,
-                            latents)
+        self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
+                          guidance_scale, num_images_per_prompt, generator, seed, scheduler,
+                          image, strength, latents, output_type)
+        run = self._prepare(prompt, negative_prompt, height, width, num_inference_steps,
+                            guidance_scale, num_images_per_prompt, generator, seed, scheduler,
+                            image, strength, latents)
         final = run.latents     # stays the picture's latents for img2img with no step to run
         for state in self._denoise(run, progress):
             final = state.latents
@@ -485,7 +485,7 @@ class StableDiffusionPipeline:
                 raise ValueError(f"got {count} images for {batch} pictures; pass one image, "
                                  "or one per prompt")
         if latents is not None:
-            shape = (batch, self.unet.config.in_channels, height // f, width // f)
+            shape = self._latent_shape(batch, height, width)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} (pictures, channels, "
                                  f"height/{f}, width/{f}), got {tuple(latents.shape)}")
@@ -532,6 +532,8 @@ class StableDiffusionPipeline:
         """Set up one run from checked arguments: its own scheduler and grid, the starting
         latents (noise, or the picture's latents noised at the first step run) and the text
         context."""
+        num_inference_steps, guidance_scale = self._with_defaults(num_inference_steps,
+                                                                  guidance_scale)
         prompts = _prompt_list(prompt)
         batch = len(prompts) * num_images_per_prompt
         generator = _generator(generator, seed)
