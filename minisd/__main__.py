@@ -40,6 +40,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MODEL_HELP = ("--model takes a model folder (with model_index.json), an SD v1 .safetensors or "
               ".ckpt file, or a Hugging Face Hub id such as org/name")
+# the library's advice names its Python arguments; here it names the options
+CLI_WORDS = {"pass trust_pickle=True (command line: --trust-pickle)": "add --trust-pickle",
+             "pick another with scheduler=": "pick another with --scheduler",
+             "torch_dtype=torch.float32, command line --dtype float32": "--dtype float32"}
 
 
 class Refusal(Exception):
@@ -213,8 +217,7 @@ def _load(args: argparse.Namespace) -> StableDiffusionPipeline:
             message = (message.split(": ", 1)[0] + ": it is not a plain file of tensors, which "
                        "is all minisd reads without running code from it; if it comes from a "
                        "source you trust, add --trust-pickle")
-        raise Refusal(message.replace("pass trust_pickle=True (command line: --trust-pickle)",
-                                      "add --trust-pickle")) from None
+        raise Refusal(message) from None
 
 
 def _picture(args: argparse.Namespace) -> torch.Tensor | None:
@@ -268,7 +271,7 @@ def check_with_model(pipe: StableDiffusionPipeline, args: argparse.Namespace, sc
                       f"{h} --width {w} to resize it")
     try:
         pipe.check_inputs(args.prompt, args.negative_prompt, args.height, args.width, steps,
-                          guidance, args.n, seed=0, scheduler=scheduler, image=picture,
+                          guidance, args.n, scheduler=scheduler, image=picture,
                           strength=args.strength)
     except (ValueError, TypeError) as error:
         raise Refusal(_one_line(error)) from None
@@ -295,8 +298,11 @@ def _note(message: str) -> None:
 
 
 def _one_line(error: BaseException | str) -> str:
-    """A message on one line (loaders list keys on separate lines)."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    """A message on one line (loaders list keys on separate lines), in the options' words."""
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    for api, cli in CLI_WORDS.items():
+        message = message.replace(api, cli)
+    return message
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -312,8 +318,7 @@ def save(images, args: argparse.Namespace, seed: int, steps: int, guidance: floa
                 "scheduler": scheduler_name(scheduler),
                 "timestep_spacing": scheduler.config.timestep_spacing, "model": model}
     if args.image is not None:
-        settings |= {"image": args.image,
-                     "strength": args.strength}
+        settings |= {"image": args.image, "strength": args.strength}
     for i, (image, path) in enumerate(zip(images, output_paths(args.output, args.n),
                                           strict=True)):
         info = PngInfo()

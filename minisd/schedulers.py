@@ -950,5 +950,10 @@ def from_name(name: str, config=None, **overrides) -> Scheduler:
 
 
 def scheduler_name(scheduler: Scheduler) -> str:
-    """The short name of a scheduler's class (the key of SCHEDULERS), e.g. "ddim"."""
-    return next(name for name, cls in SCHEDULERS.items() if type(scheduler) is cls)
+    """The short name of a scheduler's class (the key of SCHEDULERS), e.g. "ddim".
+    Raises ValueError for a class that is not one of them."""
+    for name, cls in SCHEDULERS.items():
+        if type(scheduler) is cls:
+            return name
+    raise ValueError(f"{type(scheduler).__name__} has no short name; the named schedulers are "
+                     f"{', '.join(SCHEDULERS)}")

@@ -3,6 +3,7 @@
 Every mistake is refused the way a user sees it, by running `python -m minisd`: exit status 2,
 one line on stderr, no traceback, no picture written, nothing drawn."""
 
+import json
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from PIL import Image
 from minisd import checkpoints, package_data
 from minisd.__main__ import main
 from minisd.pipeline import SamplingDefaults
+from minisd.schedulers import SD_V1_SCHEDULER_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -323,3 +325,17 @@ def test_python_dash_m_runs_with_a_progress_bar(model, tmp_path):
     assert result.stdout.strip() == str(tmp_path / "out.png")
     assert "denoising" in result.stderr and "2/2" in result.stderr
     assert Image.open(tmp_path / "out.png").text["seed"] == "1"
+
+
+def test_warnings_take_one_line_in_the_options_words(model, tmp_path, capsys):
+    """SD v1.5's folder names PNDMScheduler, which minisd replaces: the warning says so on one
+    line and points to --scheduler, not to the pipeline's keyword argument."""
+    folder = tiny_pipeline().save_pretrained(tmp_path / "pndm")
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SD_V1_SCHEDULER_CONFIG))
+    assert main(["a red circle", "--model", str(folder), "--steps", "2", "--seed", "0",
+                 "-o", str(tmp_path / "x.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minisd")]
+    assert notes == [("minisd: warning: minisd has no PNDMScheduler; using "
+                      "DPMSolverMultistepScheduler on the same noise schedule (pick another "
+                      "with --scheduler, one of ddpm, ddim, euler, euler_ancestral, dpmpp_2m)")]
