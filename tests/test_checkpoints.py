@@ -270,7 +270,7 @@ def test_position_ids_are_ignored_other_keys_are_not(loaded, single_file, refere
                    **extra}, weights)
         assert_same_models(checkpoints.load_pretrained(folder), loaded)
     save_file({**state, "text_model.embeddings.other": torch.zeros(1)}, weights)
-    with pytest.raises(ValueError, match="unexpected keys: embeddings.other"):
+    with pytest.raises(ValueError, match=r"unexpected keys: text_model\.embeddings\.other"):
         checkpoints.load_pretrained(folder)
 
 
@@ -396,7 +396,7 @@ def test_foreign_files_are_clear_errors(reference, tmp_path):
 
 
 def test_bad_folders_are_clear_errors(reference, tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_index.json not found"):
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
         checkpoints.load_pretrained(tmp_path)
     folder = tmp_path / "model"
     shutil.copytree(reference["folder"], folder)
@@ -407,14 +407,14 @@ def test_bad_folders_are_clear_errors(reference, tmp_path):
         checkpoints.load_pretrained(folder)
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no weights in .*unet"):
+    with pytest.raises(FileNotFoundError, match=r"unet has no diffusion_pytorch_model\.safetensors"):
         checkpoints.load_pretrained(folder)
 
 
 def test_unknown_scheduler_class_falls_back_with_a_warning():
     config = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
     with pytest.warns(UserWarning, match="no PNDMScheduler; using DPMSolverMultistepScheduler"):
-        scheduler = checkpoints.load_scheduler(config)
+        scheduler = checkpoints.scheduler_from_config(config)
     assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scheduler.config.beta_schedule == "scaled_linear"
 

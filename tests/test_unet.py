@@ -229,5 +229,5 @@ def test_foreign_or_broken_checkpoints_fail_naming_the_keys(tmp_path):
     assert "1 shape mismatches: conv_out.bias (5,) (model: (4,))" in message
 
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors not found"):
+    with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
         UNet2DConditionModel.from_pretrained(tmp_path)

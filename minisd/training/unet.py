@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from minisd.checkpoints import LIBRARIES, MODEL_INDEX, load_tokenizer
+from minisd.checkpoints import LIBRARIES, MODEL_INDEX
 from minisd.noise import NoiseSchedule
 from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
 from minisd.schedulers import SD_V1_SCHEDULER_CONFIG, DDIMScheduler
@@ -159,9 +159,10 @@ def load_frozen_parts(model: str | Path, device: str | torch.device = "cpu"
             raise FileNotFoundError(f"{model / part} not found; the U-Net trains on the bundled "
                                     "VAE and text encoder: run `python -m minisd.training vae` and "
                                     "`python -m minisd.training clip` first (or `all`)")
-    vae = AutoencoderKL.from_pretrained(model / "vae").to(device).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", device=device)
-    return vae, text_encoder.requires_grad_(False), load_tokenizer(model / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(model, "vae").to(device).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(model, "text_encoder").to(device)
+    return (vae, text_encoder.requires_grad_(False),
+            CLIPTokenizer.from_pretrained(model, "tokenizer"))
 
 
 def cached_encoding(model: str | Path, num_samples: int, seed: int = 0,
