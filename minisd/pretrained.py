@@ -151,13 +151,12 @@ class ModelConfig:
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, list):
-                value = tuple(value)
-                setattr(self, field.name, value)
+            given = getattr(self, field.name)
+            value = tuple(given) if isinstance(given, list) else given
             if not _fits(value, hints[field.name]):
                 raise TypeError(f"{field.name} must be {_type_name(hints[field.name])}, got "
-                                f"{value!r} ({type(value).__name__})")
+                                f"{given!r} ({type(given).__name__})")
+            setattr(self, field.name, value)
         self.check()
 
     def check(self) -> None:

@@ -25,18 +25,23 @@ from safetensors.torch import load_file
 from torch import nn
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")      # torch.save's zip archive; a bare pickle
+ZIP_MAGIC = b"PK\x03\x04"                                   # torch.save since PyTorch 1.6
+PICKLE_PROTOCOLS = tuple(bytes([0x80, n]) for n in (2, 3, 4, 5))   # a bare pickle
 
 
 def file_format(path: Path) -> str:
-    """"safetensors", "pickle", "empty" or "unknown", from the file's first bytes."""
+    """"safetensors", "pickle", "empty" or "unknown", from the file's first bytes: a zip
+    archive or a pickle's protocol mark is a pickle; `{` after the 8-byte header length is
+    safetensors (checked before the pickle mark, which a header length can begin with)."""
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:
         return "empty"
-    if head.startswith(PICKLE_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return "pickle"
-    return "safetensors" if len(head) == 9 and head[8:] == b"{" else "unknown"
+    if head[8:] == b"{":
+        return "safetensors"
+    return "pickle" if head.startswith(PICKLE_PROTOCOLS) else "unknown"
 
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -132,3 +132,12 @@ def test_pictures_must_be_float_in_minus_one_to_one():
         model.get_image_features(pictures[:0])
     # a small overshoot, as resampling makes, is accepted
     assert model.get_image_features(pictures * 1.2).shape == (3, 8)
+
+
+def test_forward_reads_no_values_from_the_device():
+    """No device sync per training batch: CLIP runs on the `meta` device, where reading a
+    tensor's value raises (the range of the pictures is checked on CPU tensors only)."""
+    with torch.device("meta"):
+        model = CLIPModel(tiny_config())
+        ids, pictures = torch.zeros(3, 12, dtype=torch.long), torch.zeros(3, 3, 16, 16)
+    assert model(ids, pictures).logits_per_text.shape == (3, 3)

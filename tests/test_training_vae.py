@@ -33,7 +33,7 @@ from minisd.training.vae import (
     train_vae,
     vae_loss_fn,
 )
-from minisd.vae import WEIGHTS_NAME, AutoencoderKL, DiagonalGaussianDistribution, vae_loss
+from minisd.vae import AutoencoderKL, DiagonalGaussianDistribution, vae_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_VAE = BUNDLED_FOLDER / "vae"
@@ -73,7 +73,7 @@ def test_recipe_trains_saves_float16_and_reloads(tiny_run):
     config = json.loads((folder / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderKL"
     assert config["block_out_channels"] == [8, 16] and config["latent_channels"] == 4
-    with safe_open(folder / WEIGHTS_NAME, "pt") as f:
+    with safe_open(folder / AutoencoderKL.weights_names[0], "pt") as f:
         names = f.keys()
         assert len(names) == len(result.vae.state_dict())
         assert {f.get_tensor(k).dtype for k in names} == {torch.float16}
