@@ -12,7 +12,8 @@ Stable Diffusion weights come in two layouts.
        scheduler/     scheduler_config.json
 
    minisd's parameter names are diffusers' and transformers', so these load with no
-   renaming (older folders hold `.bin` files instead, read with `weights_only=True`).
+   renaming (older folders hold `.bin` files instead, read with `weights_only=True`): each
+   part through its class's `from_pretrained(folder, subfolder=part)` (minisd/pretrained.py).
 
 2. An **original single file** (`.ckpt` or `.safetensors`), as CompVis and RunwayML released
    SD v1.x: one state dict of the whole `LatentDiffusion` model, U-Net under
@@ -33,9 +34,10 @@ Stable Diffusion weights come in two layouts.
    The same rules run backwards in `save_single_file`.
 
 Loading is strict: every parameter must be in the file and every tensor of the file must be
-used (a text encoder's `position_ids` buffer and the schedule buffers aside); otherwise a ValueError lists the missing and unexpected keys by the file's names.
-Pickled files (`.ckpt`, `.bin`) are read with `torch.load(weights_only=True)`, which
-rebuilds tensors and plain containers but runs no code from the file.
+used (a text encoder's `position_ids` buffer and the schedule buffers aside); otherwise a
+ValueError lists the missing and unexpected keys by the file's names. Pickled files (`.ckpt`,
+`.bin`) are read with `torch.load(weights_only=True)`, which rebuilds tensors and plain
+containers but runs no code from the file (`minisd.state_dict.read_state_dict`).
 """
 
 import json
