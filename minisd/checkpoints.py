@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minisd.pretrained import check_dtype, find_folder, read_json
+from minisd.pretrained import check_dtype, find_folder, naming, read_json
 from minisd.schedulers import SCHEDULERS, SD_V1_SCHEDULER_CONFIG, Scheduler
 from minisd.state_dict import listed, read_state_dict
 from minisd.text_encoder import CLIPTextConfig, CLIPTextModel, text_encoder_state
@@ -109,12 +109,8 @@ def scheduler_from_config(config: dict, source: str | Path | None = None) -> Sch
                       f"schedule (pick another with scheduler=, one of {', '.join(SCHEDULERS)})",
                       stacklevel=3)
         name = DEFAULT_SCHEDULER
-    try:
+    with naming(source):
         return SCHEDULER_CLASSES[name].from_config(config)
-    except (TypeError, ValueError) as error:
-        if source is None:
-            raise
-        raise ValueError(f"{source}: {error}") from None
 
 
 def load_scheduler(path: str | Path, subfolder: str | None = None) -> Scheduler:

@@ -3,7 +3,10 @@
     Model.from_pretrained(path, subfolder=None, torch_dtype=None)   a folder → a model, eval mode
     Model.from_config(config)                        a config (dict or dataclass) → a new model
     model.save_pretrained(folder)                    the folder that from_pretrained reads
-    CLIPTokenizer / Scheduler.from_pretrained(path, subfolder=None)
+    CLIPTokenizer.from_pretrained(path, subfolder=None)
+    checkpoints.load_scheduler(path, subfolder=None)  the scheduler its config names
+
+for AutoencoderKL, UNet2DConditionModel, CLIPTextModel and CLIPModel.
 
 `path` is the part's own folder (`vae/`) or a model folder: with `subfolder` the part is read
 from `path/subfolder`; a model folder given alone is searched for the part's usual subfolder
@@ -29,6 +32,7 @@ import math
 import types
 import typing
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import ClassVar
@@ -56,8 +60,10 @@ def find_folder(path: str | Path, subfolder: str | None, part: str | None,
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.is_file() else "does not exist"
         raise FileNotFoundError(f"{folder} {what}; expected a folder with {' or '.join(markers)}")
-    has = lambda f: any((f / marker).is_file() for marker in markers)
-    if not subfolder and part and not has(folder) and has(folder / part):
+    def holds_part(f: Path) -> bool:
+        return any((f / marker).is_file() for marker in markers)
+
+    if not subfolder and part and not holds_part(folder) and holds_part(folder / part):
         return folder / part
     return folder
 
@@ -92,6 +98,18 @@ def read_json(path: Path, what: str = "") -> dict:
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of "  # noqa: TRY004
                          "config keys")
     return data
+
+
+@contextmanager
+def naming(source: str | Path | None):
+    """Re-raise a TypeError or ValueError raised while reading a config from the file
+    `source` as a ValueError that starts with the file's name (unchanged without `source`)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {error}") from None
 
 
 def check_dtype(torch_dtype) -> torch.dtype:
@@ -175,24 +193,19 @@ class ModelConfig:
             value; without a `source`, the constructor's TypeError or ValueError.
         """
         names = {f.name for f in fields(cls)}
-        where = f"{source}: " if source else ""
-        for key in ("_class_name", "architectures"):
-            declared = config.get(key)
-            declared = declared[0] if isinstance(declared, list) and declared else declared
-            if cls.class_name and isinstance(declared, str) and declared != cls.class_name:
-                raise ValueError(f"{where}{key} says this config describes a {declared}; it is "
-                                 f"not a config of {cls.class_name}")
         for key in config.keys() - names:
             close = difflib.get_close_matches(key, names - config.keys(), n=1, cutoff=0.85)
             if close:
-                warnings.warn(f"{where}unknown key {key!r} is ignored; did you mean "
-                              f"{close[0]!r}?", stacklevel=3)
-        try:
+                warnings.warn(f"{source or 'config'}: unknown key {key!r} is ignored; did you "
+                              f"mean {close[0]!r}?", stacklevel=3)
+        with naming(source):
+            for key in ("_class_name", "architectures"):
+                declared = config.get(key)
+                declared = declared[0] if isinstance(declared, list) and declared else declared
+                if cls.class_name and isinstance(declared, str) and declared != cls.class_name:
+                    raise ValueError(f"{key} says this config describes a {declared}; it is "
+                                     f"not a config of {cls.class_name}")
             return cls(**{k: v for k, v in config.items() if k in names})
-        except (TypeError, ValueError) as error:
-            if source is None:
-                raise
-            raise ValueError(f"{source}: {error}") from None
 
     def to_config(self) -> dict:
         """The fields as a JSON-serialisable dict (tuples as lists)."""

@@ -45,7 +45,7 @@ import regex
 import torch
 
 from minisd.package_data import openai_vocab
-from minisd.pretrained import find_folder, read_json, require_file
+from minisd.pretrained import find_folder, naming, read_json, require_file
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WARN_TOKENS = 50     # a truncation warning shows at most this many of the dropped tokens
@@ -282,10 +282,8 @@ class CLIPTokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (folder / name).is_file():
                 settings.update(_tokenizer_settings(read_json(folder / name), folder / name))
-        try:
+        with naming(folder):
             return cls(vocab, merges, **settings)
-        except ValueError as error:
-            raise ValueError(f"{folder}: {error}") from None
 
     def save_pretrained(self, folder: str | Path):
         """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and

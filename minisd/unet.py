@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.attention import Attention
-from minisd.pretrained import ModelConfig, PretrainedModel, check_positive
+from minisd.pretrained import ModelConfig, PretrainedModel, check_positive, naming
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -161,11 +161,11 @@ class UNet2DConditionConfig(ModelConfig):
         (e.g. class embeddings, SDXL's added embeddings), naming the key (and `source`, the
         file); otherwise as `ModelConfig.from_config`.
         """
-        for key, value in config.items():
-            if key in _FIXED_CONFIG and value != _FIXED_CONFIG[key]:
-                raise ValueError((f"{source}: " if source else "")
-                                 + f"config {key}={value!r} is not supported by minisd's U-Net "
-                                 f"(only {_FIXED_CONFIG[key]!r}, as in SD v1 and v2)")
+        with naming(source):
+            for key, value in config.items():
+                if key in _FIXED_CONFIG and value != _FIXED_CONFIG[key]:
+                    raise ValueError(f"config {key}={value!r} is not supported by minisd's "
+                                     f"U-Net (only {_FIXED_CONFIG[key]!r}, as in SD v1 and v2)")
         return super().from_config(config, source)
 
     def to_config(self) -> dict:

@@ -4,6 +4,7 @@ and the key, and come back in eval mode. Config files as users have them: not JS
 type or an impossible value are refused when loading, not later at decode time."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -122,10 +123,7 @@ def test_a_missing_folder_or_file_is_a_file_not_found_error_naming_it(part, mode
 
 @pytest.mark.parametrize("part", LOADERS)
 def test_a_config_that_is_not_json_names_the_file_and_the_place(part, model_folder, tmp_path):
-    folder = tmp_path / part
-    folder.mkdir()
-    for name in (model_folder / part).iterdir():
-        (folder / name.name).write_bytes(name.read_bytes())
+    folder = shutil.copytree(model_folder / part, tmp_path / part)
     path = folder / CONFIGS[part]
     path.write_text('{"a": 1,\n "b": }')
     with pytest.raises(ValueError, match=rf"{path} is not valid JSON: Expecting value at line 2, "
@@ -170,10 +168,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("part", "key", "value", "message"), BAD_VALUES)
 def test_a_wrong_type_or_impossible_value_is_refused_at_load_naming_file_and_key(
         part, key, value, message, model_folder, tmp_path):
-    folder = tmp_path / part
-    folder.mkdir()
-    for name in (model_folder / part).iterdir():
-        (folder / name.name).write_bytes(name.read_bytes())
+    folder = shutil.copytree(model_folder / part, tmp_path / part)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(ValueError, match=rf"^{folder}/config.json: .*{message}"):
@@ -209,10 +204,7 @@ def test_a_config_of_another_class_names_the_file_and_the_key(model_folder, tmp_
 
 
 def test_a_misspelt_key_is_named_with_the_field_it_resembles(model_folder, tmp_path):
-    folder = tmp_path / "vae"
-    folder.mkdir()
-    for name in (model_folder / "vae").iterdir():
-        (folder / name.name).write_bytes(name.read_bytes())
+    folder = shutil.copytree(model_folder / "vae", tmp_path / "vae")
     config = json.loads((folder / "config.json").read_text())
     del config["scaling_factor"]
     (folder / "config.json").write_text(json.dumps({**config, "scaling_facter": 0.13025}))
@@ -247,10 +239,7 @@ def test_a_scheduler_config_the_scheduler_refuses_names_the_file(tmp_path):
 
 def test_a_tokenizer_config_of_the_wrong_kind_names_the_file_and_the_key(model_folder,
                                                                         tmp_path):
-    folder = tmp_path / "tokenizer"
-    folder.mkdir()
-    for name in (model_folder / "tokenizer").iterdir():
-        (folder / name.name).write_bytes(name.read_bytes())
+    folder = shutil.copytree(model_folder / "tokenizer", tmp_path / "tokenizer")
     path = folder / "tokenizer_config.json"
     settings = json.loads(path.read_text())
     path.write_text(json.dumps({**settings, "model_max_length": "77"}))

@@ -48,6 +48,14 @@ def files(tmp_path_factory):
             "ckpt": (folder / "weights.ckpt").read_bytes(), "folder": folder / "vae"}
 
 
+def vae_folder(files, tmp_path):
+    """A vae/ folder with the config and no weights yet."""
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((files["folder"] / "config.json").read_bytes())
+    return folder
+
+
 def variants(files) -> dict:
     st, ckpt = files["safetensors"], files["ckpt"]
     return {
@@ -107,10 +115,7 @@ def test_the_first_bytes_tell_a_pickle_from_a_safetensors_file(files, tmp_path):
 
 def test_a_flattened_shape_is_a_shape_mismatch_naming_the_key(files, tmp_path):
     """Same byte size, another shape: safetensors reads it; the strict loader names it."""
-    folder = tmp_path / "vae"
-    folder.mkdir()
-    (folder / "config.json").write_bytes((files["folder"] / "config.json").read_bytes())
-    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights = vae_folder(files, tmp_path) / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(with_header(files["safetensors"],
                                     lambda h: h["encoder.conv_in.weight"].update(shape=[216])))
     assert load_file(weights)["encoder.conv_in.weight"].shape == (216,)
@@ -118,18 +123,15 @@ def test_a_flattened_shape_is_a_shape_mismatch_naming_the_key(files, tmp_path):
     with pytest.raises(ValueError, match=rf"(?s){weights} does not match the AutoencoderKL.*"
                                          r"1 shape mismatches: encoder\.conv_in\.weight \(216,\) "
                                          r"\(model: \(8, 3, 3, 3\)\)"):
-        AutoencoderKL.from_pretrained(folder)
+        AutoencoderKL.from_pretrained(weights.parent)
     assert sha256(weights) == before
 
 
 def test_every_loader_reads_weights_through_the_same_checks(files, tmp_path):
-    folder = tmp_path / "vae"
-    folder.mkdir()
-    (folder / "config.json").write_bytes((files["folder"] / "config.json").read_bytes())
-    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights = vae_folder(files, tmp_path) / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(files["ckpt"])
     with pytest.raises(ValueError, match=rf"{weights} is in another format"):
-        AutoencoderKL.from_pretrained(folder)
+        AutoencoderKL.from_pretrained(weights.parent)
     single = tmp_path / "model.safetensors"
     single.write_bytes(files["safetensors"][:1000])
     with pytest.raises(ValueError, match=rf"{single} is not a readable safetensors file: "
