@@ -67,8 +67,8 @@ class CLIPTextConfig(ModelConfig):
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    bos_token_id: int = 49406
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
     eos_token_id: int = 49407
 
     def check(self):
