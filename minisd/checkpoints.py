@@ -299,7 +299,8 @@ def _vae_linear(key: str, tensor: torch.Tensor, to_diffusers: bool) -> torch.Ten
 # load_single_file runs five steps, one job each: read the file (`read_single_file`), pick
 # the U-Net's EMA or trained weights (`select_ema`), build the configs
 # (`single_file_components`), map the keys to the diffusers names of each part
-# (`split_parts`), and load each part strictly (`PretrainedModel.from_state_dict`).
+# (`split_parts`), and load each part strictly (`PretrainedModel.from_state_dict`, errors
+# naming keys as the file does, `file_names`).
 
 def load_single_file(path: str | Path, config: str | Path | None = None,
                      use_ema: bool | None = None, torch_dtype: torch.dtype = torch.float32,
@@ -338,14 +339,20 @@ def load_single_file(path: str | Path, config: str | Path | None = None,
     configs, tokenizer, scheduler = single_file_components(config, state, source)
     parts = split_parts(state, configs, source)
     _check_schedule(state, scheduler, source)
-    unet_map, vae_map = unet_rules(configs["unet"]), vae_rules(configs["vae"])
-    file_names = {"unet": lambda k: UNET_PREFIX + rename(k, unet_map, to_diffusers=False),
-                  "vae": lambda k: VAE_PREFIX + rename(k, vae_map, to_diffusers=False),
-                  "text_encoder": lambda k: TEXT_PREFIX + TEXT_MODEL + k}
-    models = {part: cls.from_state_dict(configs[part], parts[part], source, file_names[part],
+    names = file_names(configs)
+    models = {part: cls.from_state_dict(configs[part], parts[part], source, names[part],
                                         torch_dtype).to(device)
               for part, cls in MODELS.items()}
     return {**models, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def file_names(configs: dict) -> dict:
+    """Per part, a model key → its name in an SD v1 single file (the rules run backwards),
+    so that load errors name keys as the file does."""
+    unet, vae = unet_rules(configs["unet"]), vae_rules(configs["vae"])
+    return {"unet": lambda k: UNET_PREFIX + rename(k, unet, to_diffusers=False),
+            "vae": lambda k: VAE_PREFIX + rename(k, vae, to_diffusers=False),
+            "text_encoder": lambda k: TEXT_PREFIX + TEXT_MODEL + k}
 
 
 def read_single_file(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
