@@ -95,7 +95,7 @@ FOREIGN = {"conditioner.embedders.": "an SDXL checkpoint",
 
 # ---------------------------------------------------------------- diffusers folders
 
-def scheduler_from_config(config: dict, source: str | Path | None = None) -> Scheduler:
+def load_scheduler(config: dict, source: str | Path | None = None) -> Scheduler:
     """A scheduler from a `scheduler_config.json` dict, by its `_class_name`.
 
     A scheduler minisd does not implement (SD v1.5's PNDMScheduler, LMSDiscreteScheduler, …)
@@ -113,14 +113,14 @@ def scheduler_from_config(config: dict, source: str | Path | None = None) -> Sch
         return SCHEDULER_CLASSES[name].from_config(config)
 
 
-def load_scheduler(path: str | Path, subfolder: str | None = None) -> Scheduler:
+def scheduler_from_pretrained(path: str | Path, subfolder: str | None = None) -> Scheduler:
     """The scheduler of a `scheduler/` folder (`path`, `path/subfolder`, or the `scheduler/`
-    of a model folder), of the class its `scheduler_config.json` names
-    (`scheduler_from_config`). Raises FileNotFoundError naming a missing folder or file;
-    ValueError naming the file for a config that is not JSON or that the scheduler refuses."""
+    of a model folder), of the class its `scheduler_config.json` names (`load_scheduler`).
+    Raises FileNotFoundError naming a missing folder or file; ValueError naming the file for
+    a config that is not JSON or that the scheduler refuses."""
     folder = find_folder(path, subfolder, "scheduler", (SCHEDULER_CONFIG,))
     config_path = folder / SCHEDULER_CONFIG
-    return scheduler_from_config(read_json(config_path), config_path)
+    return load_scheduler(read_json(config_path), config_path)
 
 
 def load_pretrained(folder: str | Path, torch_dtype: torch.dtype | None = torch.float32,
@@ -150,7 +150,7 @@ def load_pretrained(folder: str | Path, torch_dtype: torch.dtype | None = torch.
                                        trust_pickle=trust_pickle).to(device)
              for part, cls in MODELS.items()}
     return {**parts, "tokenizer": CLIPTokenizer.from_pretrained(folder, "tokenizer"),
-            "scheduler": load_scheduler(folder, "scheduler")}
+            "scheduler": scheduler_from_pretrained(folder, "scheduler")}
 
 
 def save_pretrained(folder: str | Path, vae: AutoencoderKL, text_encoder: CLIPTextModel,
@@ -422,12 +422,11 @@ def single_file_components(config: str | Path | None, state: dict, source: str
     has 9: latents, mask, masked-picture latents), naming the key and both shapes."""
     if config is None:
         configs, tokenizer = _sd_v1_configs(), CLIPTokenizer.openai()
-        scheduler = scheduler_from_config({**SD_V1_SCHEDULER_CONFIG,
-                                           "_class_name": DEFAULT_SCHEDULER})
+        scheduler = load_scheduler({**SD_V1_SCHEDULER_CONFIG, "_class_name": DEFAULT_SCHEDULER})
     else:
         configs = _configs_from_folder(Path(config))
         tokenizer = CLIPTokenizer.from_pretrained(config, "tokenizer")
-        scheduler = load_scheduler(config, "scheduler")
+        scheduler = scheduler_from_pretrained(config, "scheduler")
     _check_in_channels(state, configs["unet"], source)
     return configs, tokenizer, scheduler
 

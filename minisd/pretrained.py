@@ -4,7 +4,7 @@
     Model.from_config(config)                        a config (dict or dataclass) → a new model
     model.save_pretrained(folder)                    the folder that from_pretrained reads
     CLIPTokenizer.from_pretrained(path, subfolder=None)
-    checkpoints.load_scheduler(path, subfolder=None)  the scheduler its config names
+    checkpoints.scheduler_from_pretrained(path, subfolder=None)   the class its config names
 
 for AutoencoderKL, UNet2DConditionModel, CLIPTextModel and CLIPModel.
 

@@ -36,6 +36,8 @@ from torch import nn
 from minisd.attention import Attention
 from minisd.pretrained import ModelConfig, PretrainedModel, check_positive
 
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
 
 @dataclass
 class AutoencoderKLConfig(ModelConfig):
@@ -345,6 +347,7 @@ class AutoencoderKL(PretrainedModel, nn.Module):
 
     config_class = AutoencoderKLConfig
     part = "vae"
+    weights_names = (WEIGHTS_NAME, "diffusion_pytorch_model.bin")
     ldm_prefixes = ("first_stage_model.", "encoder.down.", "decoder.up.")
 
     def __init__(self, config: AutoencoderKLConfig):

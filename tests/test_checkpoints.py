@@ -462,7 +462,7 @@ def test_bad_folders_are_clear_errors(reference, tmp_path):
 def test_unknown_scheduler_class_falls_back_with_a_warning():
     config = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
     with pytest.warns(UserWarning, match="no PNDMScheduler; using DPMSolverMultistepScheduler"):
-        scheduler = checkpoints.scheduler_from_config(config)
+        scheduler = checkpoints.load_scheduler(config)
     assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scheduler.config.beta_schedule == "scaled_linear"
 

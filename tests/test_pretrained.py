@@ -89,16 +89,16 @@ def test_the_tokenizer_and_the_schedulers_load_from_a_folder_or_a_model_folder(m
                       CLIPTokenizer.from_pretrained(model_folder, subfolder="tokenizer"),
                       CLIPTokenizer.from_pretrained(model_folder)):
         assert torch.equal(tokenizer("a red circle"), ids)
-    for scheduler in (checkpoints.load_scheduler(model_folder / "scheduler"),
-                      checkpoints.load_scheduler(model_folder, subfolder="scheduler"),
-                      checkpoints.load_scheduler(model_folder)):
+    for scheduler in (checkpoints.scheduler_from_pretrained(model_folder / "scheduler"),
+                      checkpoints.scheduler_from_pretrained(model_folder, subfolder="scheduler"),
+                      checkpoints.scheduler_from_pretrained(model_folder)):
         assert scheduler.config == tiny_pipeline().scheduler.config
 
 
 # ---- the same mistakes, the same errors ----
 
 LOADERS = {**{part: cls.from_pretrained for part, cls in MODEL_CLASSES.items()},
-           "tokenizer": CLIPTokenizer.from_pretrained, "scheduler": checkpoints.load_scheduler}
+           "tokenizer": CLIPTokenizer.from_pretrained, "scheduler": checkpoints.scheduler_from_pretrained}
 CONFIGS = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json",
            "tokenizer": "vocab.json", "scheduler": "scheduler_config.json"}
 
@@ -234,7 +234,7 @@ def test_a_scheduler_config_the_scheduler_refuses_names_the_file(tmp_path):
     path = tmp_path / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "thresholding": True}))
     with pytest.raises(ValueError, match=rf"^{path}: .*thresholding"):
-        checkpoints.load_scheduler(tmp_path / "scheduler")
+        checkpoints.scheduler_from_pretrained(tmp_path / "scheduler")
 
 
 def test_a_tokenizer_config_of_the_wrong_kind_names_the_file_and_the_key(model_folder,

@@ -159,10 +159,11 @@ def load_frozen_parts(model: str | Path, device: str | torch.device = "cpu"
             raise FileNotFoundError(f"{model / part} not found; the U-Net trains on the bundled "
                                     "VAE and text encoder: run `python -m minisd.training vae` and "
                                     "`python -m minisd.training clip` first (or `all`)")
-    vae = AutoencoderKL.from_pretrained(model, "vae").to(device).requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(model, "text_encoder").to(device)
-    return (vae, text_encoder.requires_grad_(False),
-            CLIPTokenizer.from_pretrained(model, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    vae, text_encoder = (part.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+                         for part in (vae, text_encoder))
+    return vae, text_encoder, CLIPTokenizer.from_pretrained(model / "tokenizer")
 
 
 def cached_encoding(model: str | Path, num_samples: int, seed: int = 0,
