@@ -18,7 +18,8 @@ from minisd.package_data import bundled_model
 from minisd.shapes.world import Scene, SceneObject, ShapesDataset
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
 from minisd.training import clip as tc
-from minisd.training.loop import TARGETS, TrainConfig, build_parser, init_distributed, train
+from minisd.training.__main__ import COMMANDS, build_parser, settings_from_args
+from minisd.training.loop import TrainConfig, init_distributed, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_batch, tiny_config, torchrun
@@ -196,10 +197,15 @@ def test_contrastive_loss_under_torchrun_equals_one_process(tmp_path):
     assert set(history) >= {"loss", "logit_scale", "accuracy"}
 
 
-def test_clip_is_a_training_target():
-    assert "clip" in TARGETS
-    args = build_parser().parse_args(["clip", "--steps", "5", "--text-width", "64"])
-    assert (args.steps, args.text_width, args.text_layers) == (5, 64, 3)
+def test_clip_is_a_training_command():
+    assert COMMANDS["clip"].settings is tc.CLIPTrainConfig and COMMANDS["clip"].run is tc.run
+    args = build_parser()[0].parse_args(["clip", "--steps", "5", "--hidden-size", "64"])
+    config = settings_from_args(tc.CLIPTrainConfig, args)
+    assert (config.steps, config.hidden_size, config.num_hidden_layers, config.lr) == (
+        5, 64, 3, 2e-3)
+    with pytest.raises(ValueError, match="CLIPTrainConfig.num_attention_heads must be a "
+                                         "divisor of hidden_size"):
+        tc.CLIPTrainConfig(hidden_size=30)
 
 
 # The committed model
