@@ -31,6 +31,7 @@ everything else as in the picture) are ranked by similarity — CLIP's zero-shot
 """
 
 import functools
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -40,11 +41,23 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from minisd.clip_contrastive import CLIPConfig, CLIPImageConfig, CLIPModel, clip_loss
-from minisd.shapes.world import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, ShapesDataset
-from minisd.text_encoder import CLIPTextConfig
+from minisd.shapes.world import (
+    ALL_PAIRS,
+    COLOURS,
+    INVERSE,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    ShapesDataset,
+    binding_swaps,
+    describe,
+    sample_scene,
+)
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
 from minisd.training.loop import TrainConfig, init_distributed, train
 
@@ -80,6 +93,9 @@ class CLIPTrainConfig(TrainConfig):
         "help": "width of the joint text–image space"})
     grayscale_p: float = field(default=0.25, metadata={
         "help": "probability of showing a training picture in grey"})
+    hard_negatives: bool = field(default=True, metadata={
+        "help": "score each picture also against a caption it contradicts (its own words "
+                "with the binding, relation, colour, shape or position changed)"})
     eval_images: int = field(default=1000, metadata={
         "help": "one-object test pictures for the zero-shot accuracies (0: no evaluation)"})
 
@@ -133,16 +149,32 @@ def tokenize_cropped(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Ten
     return ids[:, :int(ends.max()) + 1]
 
 
+class WithNegatives(Dataset):
+    """The shapes world's (picture, caption) pairs with a third item: a caption the picture
+    contradicts (`ShapesDataset.negative_prompt`), for `contrastive_loss`'s hard negatives."""
+
+    def __init__(self, dataset: ShapesDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        return *self.dataset[i], self.dataset.negative_prompt(i).caption
+
+
 class TokenizeCollate:
-    """DataLoader collate: [(picture, caption)] → (pictures (B, 3, 64, 64), ids (B, L)) with
-    `tokenize_cropped` ids. Picklable, so DataLoader workers can use it."""
+    """DataLoader collate: [(picture, caption, …)] → (pictures (B, 3, 64, 64), ids (B, L), …)
+    with `tokenize_cropped` ids for every caption column (one length for all). Picklable, so
+    DataLoader workers can use it."""
 
     def __init__(self, tokenizer: CLIPTokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, samples):
-        pictures, captions = default_collate(samples)
-        return pictures, tokenize_cropped(self.tokenizer, list(captions))
+        pictures, *columns = default_collate(samples)
+        ids = tokenize_cropped(self.tokenizer, [c for column in columns for c in column])
+        return pictures, *ids.split(len(pictures))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +197,14 @@ def grayscale(pictures: torch.Tensor) -> torch.Tensor:
 
 def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[str, torch.Tensor]:
     """`train`'s loss_fn: clip_loss over the global batch (features gathered across
-    processes). batch = (pictures (b, 3, 64, 64), ids (b, L)) of this process.
+    processes). batch = (pictures (b, 3, 64, 64), ids (b, L)) of this process, or
+    (pictures, ids, negative ids (b, L)) with a hard negative caption per picture.
+
+    With hard negatives each picture's row of the picture → caption cross-entropy gets one
+    more column, the similarity to its own contradicting caption (Yuksekgonul et al. 2023,
+    §5, "NegCLIP"): the loss falls only if the text tower tells "a red circle left of a blue
+    square" from its swapped forms, which a bag of words cannot. The caption → picture
+    direction is unchanged.
 
     With `grayscale_p` > 0 each picture is shown in grey with that probability, its caption
     unchanged (random grayscale, as in SimCLR, Chen et al. 2020, App. A): to match such a
@@ -175,7 +214,7 @@ def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[
 
     Returns {'loss', 'logit_scale' (exp t, the inverse temperature), 'accuracy' (share of
     captions whose own picture scores highest in the batch)}."""
-    pictures, ids = batch
+    pictures, ids, *negative_ids = batch
     if grayscale_p > 0:
         grey = torch.rand(len(pictures), device=pictures.device) < grayscale_p
         pictures = torch.where(grey.view(-1, 1, 1, 1), grayscale(pictures), pictures)
@@ -183,8 +222,16 @@ def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[
     text_embeds = _gather(F.normalize(model.get_text_features(ids), dim=-1))
     logits = model.similarity_logits(text_embeds, image_embeds)   # (B, B), global batch
     labels = torch.arange(len(logits), device=logits.device)
-    return {"loss": clip_loss(logits), "logit_scale": model.logit_scale.exp().detach(),
-            "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+    terms = {"accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+    if not negative_ids:
+        loss = clip_loss(logits)
+    else:
+        negatives = _gather(F.normalize(model.get_text_features(negative_ids[0]), dim=-1))
+        own_negative = model.similarity_logits(negatives, image_embeds).diagonal()  # (B,)
+        per_picture = torch.cat([logits.T, own_negative[:, None]], dim=1)          # (B, B + 1)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(per_picture, labels)) / 2
+        terms["negative_wins"] = (own_negative >= logits.diagonal()).float().mean()
+    return {"loss": loss, "logit_scale": model.logit_scale.exp().detach(), **terms}
 
 
 # ---- evaluation ----
@@ -283,9 +330,6 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, dataset: Shap
     return result
 
 
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 def shows(scene: Scene, stated: Scene) -> bool:
     """True if picture `scene` shows everything the prompt attributes `stated` say
     (None = not said), reading a two-object relation either way round."""
@@ -330,6 +374,37 @@ def evaluate_clip(model: CLIPModel, tokenizer: CLIPTokenizer, num_images: int = 
             **retrieval(model, tokenizer, test, 100)}
 
 
+@torch.no_grad()
+def binding_similarity(text_model: CLIPTextModel, tokenizer: CLIPTokenizer,
+                       num_scenes: int = 300, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much of a bag of words the text tower is: for `num_scenes` two-object scenes (all
+    colour–shape pairs) captioned as the world does, the mean cosine similarity between the
+    caption and the same words bound another way (`binding_swaps`: relation reversed,
+    colours swapped, shapes swapped), read at the pooled end-of-text vector ("pooled") and
+    over the whole context the U-Net reads ("context", the (77, D) last hidden state
+    flattened); "unrelated" pairs two different scenes, for scale. A bag of words scores
+    1.0 on every swap. Returns {kind: {"pooled": cos, "context": cos}}."""
+    captions = {kind: [] for kind in ("caption", "relation", "colours", "shapes")}
+    for i in range(num_scenes):
+        rng = random.Random(f"binding/{seed}/{i}")
+        scene, _ = sample_scene(rng, ALL_PAIRS, two_objects=True)
+        state = rng.getstate()
+        for kind, version in {"caption": scene, **binding_swaps(scene)}.items():
+            rng.setstate(state)   # the same template and words for every version
+            captions[kind].append(describe(version, rng).caption)
+    text_model.eval()
+    vectors = {}  # kind → {"pooled": (N, D), "context": (N, 77·D)}
+    for kind, texts in captions.items():
+        out = text_model(tokenizer(texts))
+        vectors[kind] = {"pooled": out.pooler_output, "context": out.last_hidden_state.flatten(1)}
+    half = num_scenes // 2
+    pairs = {kind: (vectors["caption"], vectors[kind]) for kind in ("relation", "colours", "shapes")}
+    pairs["unrelated"] = ({k: v[:half] for k, v in vectors["caption"].items()},
+                          {k: v[half:2 * half] for k, v in vectors["caption"].items()})
+    return {kind: {read: F.cosine_similarity(a[read], b[read]).mean().item()
+                   for read in ("pooled", "context")} for kind, (a, b) in pairs.items()}
+
+
 # ---- the recipe ----
 
 @dataclass
@@ -355,7 +430,8 @@ def train_clip(config: CLIPTrainConfig) -> CLIPTrainResult | None:
     model = CLIPModel(small_clip_config(tokenizer, config.hidden_size, config.num_hidden_layers,
                                         config.num_attention_heads, config.projection_dim))
     loss_fn = functools.partial(contrastive_loss, grayscale_p=config.grayscale_p)
-    result = train(model, loss_fn, ShapesDataset("train", seed=config.seed), config,
+    data = ShapesDataset("train", seed=config.seed)
+    result = train(model, loss_fn, WithNegatives(data) if config.hard_negatives else data, config,
                    collate_fn=TokenizeCollate(tokenizer))
     if init_distributed().rank != 0:
         return None
