@@ -171,7 +171,7 @@ class StableDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None,
-                        torch_dtype: torch.dtype | None = None,
+                        subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None,
                         trust_pickle: bool = False) -> "StableDiffusionPipeline":
         """Load a diffusers-format model folder, with its sampling defaults.
@@ -180,7 +180,8 @@ class StableDiffusionPipeline:
             pretrained_model_name_or_path: a folder; a Hugging Face Hub id such as
                 "stable-diffusion-v1-5/stable-diffusion-v1-5" (downloaded with
                 huggingface_hub when it is installed and online, else taken from its cache);
-                None for the bundled model in data/minisd-shapes.
+                None for the bundled model (`minisd.package_data.bundled_model()`).
+            subfolder: the model folder inside that one (or inside the Hub repository).
             torch_dtype: None for float16 on CUDA and float32 elsewhere.
             device: None for CUDA, then MPS, then the CPU.
             trust_pickle: allow `.bin` weights that hold Python objects (see checkpoints).
@@ -193,6 +194,8 @@ class StableDiffusionPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = torch_dtype or default_dtype(device)
         folder = _model_folder(pretrained_model_name_or_path)
+        if subfolder:
+            folder = folder / subfolder
         parts = checkpoints.load_pretrained(folder, dtype, device, trust_pickle)
         return cls(**parts, sampling_defaults=SamplingDefaults.from_model_index(
             folder / checkpoints.MODEL_INDEX))

@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 
 from minisd.noise import NoiseSchedule, rescale_zero_terminal_snr
+from minisd.pretrained import find_folder, naming, read_json
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -382,16 +383,16 @@ class Scheduler:
         return path
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Load from a folder holding `scheduler_config.json` (a model's `scheduler/`) or from
-        that file. Raises FileNotFoundError naming the missing file."""
+    def from_pretrained(cls, path, subfolder: str | None = None):
+        """Load from a model folder (its `scheduler/`), a folder holding `scheduler_config.json`
+        (or `path/subfolder`), or that file itself: the same contract as the models'.
+        Raises FileNotFoundError naming the missing file, ValueError naming the file and the
+        key for a config that does not fit."""
         path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no scheduler config at {path}; expected a folder with "
-                                    f"{CONFIG_NAME} or the file itself")
-        return cls.from_config(json.loads(path.read_text()))
+        config_path = (path if path.is_file() and subfolder is None
+                       else find_folder(path, subfolder, "scheduler", (CONFIG_NAME,)) / CONFIG_NAME)
+        with naming(config_path):
+            return cls.from_config(read_json(config_path))
 
     # ---- the grid ----
 
