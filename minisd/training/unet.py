@@ -105,7 +105,7 @@ class UNetTrainConfig(TrainConfig):
     """
 
     # the loop's settings, with this recipe's defaults (their help is TrainConfig's)
-    steps: int = 3600
+    steps: int = 5000
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 200
