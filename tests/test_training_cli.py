@@ -63,7 +63,7 @@ def test_help_lists_every_field_with_its_default(command, capsys):
         assert "--" + f.name.replace("_", "-") in text, f.name
         assert " ".join(field_help(settings, f.name).split()) in text, f.name
     if command == "unet":
-        assert "--steps STEPS optimiser steps of the whole run (default: 3600)" in text
+        assert "--steps STEPS optimiser steps of the whole run (default: 5000)" in text
 
 
 def test_options_are_named_like_the_api_and_typed():
