@@ -26,6 +26,7 @@ from minisd.shapes.world import (
     describe,
     evaluation_prompts,
     render,
+    showcase_prompts,
 )
 
 
@@ -252,3 +253,22 @@ def test_binding_swaps_written_out():
                                     "white", "left of")
     with pytest.raises(ValueError, match="two objects"):
         binding_swaps(Scene((red_circle,), "white"))
+
+
+def test_showcase_prompts_say_what_their_attributes_say():
+    prompts = showcase_prompts()
+    assert len(prompts) == 16 and sum(p.held_out for p in prompts) == 3
+    assert sum(len(p.attributes.objects) == 2 for p in prompts) == 5
+    assert {p.attributes.background for p in prompts} >= {"black", "white", "gray"}
+    world_words = {word for i in range(3000)
+                   for word in re.findall(r"[a-z]+", ShapesDataset("train", 3000).prompt(i).caption)}
+    for prompt in prompts:
+        words = re.findall(r"[a-z]+", prompt.caption)
+        assert set(words) <= world_words, prompt.caption
+        for o in prompt.attributes.objects:
+            assert o.colour in words and o.shape in words, prompt.caption
+        scene = prompt.attributes
+        if scene.relation is not None:
+            assert scene.relation.split()[0] in words
+        if scene.background is not None:
+            assert scene.background in words
