@@ -14,7 +14,9 @@ The map of the package (notebooks/0N_… teaches module N):
        guidance.py         classifier-free guidance
     6  pipeline.py         StableDiffusionPipeline: the five parts assembled
 
-    checkpoints.py, state_dict.py   loading and saving: diffusers folders, SD v1 single files
+    pretrained.py                   the loader contract of every model, the tokenizer, schedulers
+    state_dict.py                   weight files read safely, state dicts loaded strictly
+    checkpoints.py                  whole models: diffusers folders, SD v1 single files
     images.py                       pictures in and out (files, PIL ↔ tensors in [−1, 1])
     package_data.py                 where the shipped files are (vocabulary, photos, bundled model)
     viz.py                          plots and widgets of the notebooks

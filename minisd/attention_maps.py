@@ -92,15 +92,16 @@ def _layer_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def cross_attention_maps(pipe, prompt: str, num_inference_steps: int = 25,
-                         guidance_scale: float = 4.0, seed: int = 0, scheduler=None,
+def cross_attention_maps(pipe, prompt: str, num_inference_steps: int | None = None,
+                         guidance_scale: float | None = None, seed: int = 0, scheduler=None,
                          keep: Callable[[str], bool] | None = None) -> CrossAttentionMaps:
     """Generate one picture for `prompt` and record its per-token cross-attention maps.
 
     Args:
         pipe: a `minisd.pipeline.StableDiffusionPipeline`.
         prompt: one prompt (a string).
-        num_inference_steps, guidance_scale, seed, scheduler: as for the pipeline.
+        num_inference_steps, guidance_scale, seed, scheduler: as for the pipeline (None:
+            the model's own sampling defaults).
         keep: which cross-attention layers to average, a predicate on module names (e.g.
             `lambda n: n.startswith("down_blocks.1")`); None: all of them.
     Returns:
@@ -155,7 +156,7 @@ class PeakRate:
 
 
 def colour_peak_rate(pipe, prompts, num_inference_steps: int = 10,
-                     guidance_scale: float = 4.0, seed: int = 0, margin: float = 1.0,
+                     guidance_scale: float | None = None, seed: int = 0, margin: float = 1.0,
                      keep: Callable[[str], bool] | None = None) -> PeakRate:
     """How often the map of a colour word peaks inside the object of that colour.
 
@@ -163,7 +164,8 @@ def colour_peak_rate(pipe, prompts, num_inference_steps: int = 10,
     with seed `seed + k` (`cross_attention_maps`); the judge (`minisd.shapes.evaluate.read`) finds
     its objects. For every colour the prompt names, if the picture holds an object of that
     colour, the peak of the word's map (averaged over all steps) is a hit when it lies in
-    that object's box, grown by `margin` pixels; otherwise the word is skipped (the model
+    that object's box, grown by `margin` pixels (guidance_scale None: the model's own);
+    otherwise the word is skipped (the model
     did not draw it, so there is nothing to point at). This is the check of Hertz et al.
     2022 (Fig. 4) turned into a number.
 

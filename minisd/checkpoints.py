@@ -12,7 +12,8 @@ Stable Diffusion weights come in two layouts.
        scheduler/     scheduler_config.json
 
    minisd's parameter names are diffusers' and transformers', so these load with no
-   renaming (older folders hold `.bin` files instead, read with `weights_only=True`).
+   renaming (older folders hold `.bin` files instead, read with `weights_only=True`): each
+   part through its class's `from_pretrained(folder, subfolder=part)` (minisd/pretrained.py).
 
 2. An **original single file** (`.ckpt` or `.safetensors`), as CompVis and RunwayML released
    SD v1.x: one state dict of the whole `LatentDiffusion` model, U-Net under
@@ -33,44 +34,42 @@ Stable Diffusion weights come in two layouts.
    The same rules run backwards in `save_single_file`.
 
 Loading is strict: every parameter must be in the file and every tensor of the file must be
-used (a text encoder's `position_ids` buffer and the schedule buffers aside); otherwise a ValueError lists the missing and unexpected keys by the file's names.
-Pickled files (`.ckpt`, `.bin`) are read with `torch.load(weights_only=True)`, which
-rebuilds tensors and plain containers but runs no code from the file.
+used (a text encoder's `position_ids` buffer and the schedule buffers aside); otherwise a
+ValueError lists the missing and unexpected keys by the file's names. Pickled files (`.ckpt`,
+`.bin`) are read with `torch.load(weights_only=True)`, which rebuilds tensors and plain
+containers but runs no code from the file (`minisd.state_dict.read_state_dict`).
 """
 
 import json
-import pickle
 import warnings
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
+from minisd.pretrained import check_dtype, find_folder, naming, read_json
 from minisd.schedulers import SCHEDULERS, SD_V1_SCHEDULER_CONFIG, Scheduler
-from minisd.state_dict import listed, load_strict
+from minisd.state_dict import listed, read_state_dict
 from minisd.text_encoder import CLIPTextConfig, CLIPTextModel, text_encoder_state
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
 MODEL_INDEX = "model_index.json"
+MODEL_FOLDER = (f"a diffusers model folder has {MODEL_INDEX} and unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/ folders with their configs")
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-# weight files of each model part, preferred first (diffusers' and transformers' names)
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-}
+# the three networks of a model folder, by part (the folder's subfolder names)
+MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+# weight files of each network, preferred first (diffusers' and transformers' names)
+WEIGHT_FILES = {part: cls.weights_names for part, cls in MODELS.items()}
 # what save_pretrained writes into model_index.json for each part (library, class)
 LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"),
              "vae": ("diffusers", "AutoencoderKL"),
              "text_encoder": ("transformers", "CLIPTextModel"),
              "tokenizer": ("transformers", "CLIPTokenizer")}
 SCHEDULER_CLASSES = {cls.__name__: cls for cls in SCHEDULERS.values()}
+SCHEDULER_CONFIG = "scheduler_config.json"
 # used when a folder names a scheduler minisd does not have (SD v1.5 ships PNDMScheduler)
 DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
 
@@ -80,7 +79,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 EMA_PREFIX = "model_ema."
 TEXT_MODEL = "text_model."
-POSITION_IDS = "embeddings.position_ids"
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 # ldm's noise-schedule buffers and EMA bookkeeping: not weights, never a load error
 SCHEDULE_BUFFERS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -94,126 +93,15 @@ FOREIGN = {"conditioner.embedders.": "an SDXL checkpoint",
            "double_blocks.": "a FLUX checkpoint", "joint_blocks.": "an SD3 checkpoint"}
 
 
-# ---------------------------------------------------------------- reading files
-
-def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a weights file into a dict of tensors, on the CPU, without modifying the file.
-
-    Args:
-        path: a `.safetensors` file (never unpickled), or a pickled PyTorch file (`.ckpt`,
-            `.bin`, `.pt`, `.pth`), read with `torch.load(weights_only=True)`: tensors,
-            numbers, strings and containers only, no code runs.
-        trust_pickle: the explicit opt-in to unpickle arbitrary Python objects
-            (`weights_only=False`). Only for files from a source you trust: unpickling can
-            run any code the file's author wrote.
-    Returns:
-        the file's top-level dict (a `state_dict` wrapper is kept; see `load_single_file`).
-    Raises:
-        FileNotFoundError if the file is missing; ValueError for a truncated or damaged file,
-        an unknown extension, or a pickle holding objects other than tensors and numbers
-        (naming them and the `trust_pickle=True` opt-in); TypeError when the file holds
-        something other than a dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except safetensors.SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or "
-                             f"damaged?): {error}") from error
-    if path.suffix not in (".ckpt", ".bin", ".pt", ".pth"):
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; minisd reads "
-                         ".safetensors, and .ckpt/.bin/.pt/.pth PyTorch files")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as error:
-        objects = _unsafe_globals(path)
-        if not objects:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged "
-                             f"or not a checkpoint?): {str(error).splitlines()[0]}") from None
-        raise ValueError(f"{path} holds Python objects besides tensors and numbers: "
-                         f"{', '.join(objects)}. minisd does not unpickle them "
-                         "because that runs code from the file. If you trust its source, "
-                         "pass trust_pickle=True (command line: --trust-pickle); better, "
-                         "convert it to .safetensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or "
-                         f"damaged?): {error}") from error
-    if not isinstance(state, dict):
-        raise TypeError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
-    return state
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The names of the Python objects a pickle would build, read without running it;
-    empty when the file cannot be scanned (not a zip-format PyTorch file)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (RuntimeError, ValueError, pickle.UnpicklingError):
-        return []
-
-
-def _tensors(state: dict, source: str) -> dict[str, torch.Tensor]:
-    """The tensor entries of a state dict (numbers such as `global_step` dropped)."""
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{source} holds no tensors (keys: {sorted(state)[:8]})")
-    return tensors
-
-
-def _build(cls, config, state: dict, source: str, file_name: Callable[[str], str] | None = None,
-           dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A `cls` model built on `meta` (no memory, no init), loaded strictly with `state`
-    (`file_name` as in `load_strict`), then moved to `device` and `dtype`, in eval mode."""
-    with torch.device("meta"):
-        model = cls(config)
-    load_strict(model, state, source, file_name)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 # ---------------------------------------------------------------- diffusers folders
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; a diffusers model folder has "
-                                f"{MODEL_INDEX} and unet/, vae/, text_encoder/, tokenizer/, "
-                                "scheduler/ folders with their configs")
-    return json.loads(path.read_text())
-
-
-def _weights(folder: Path, part: str, trust_pickle: bool) -> tuple[dict, str]:
-    for name in WEIGHT_FILES[part]:
-        if (folder / name).is_file():
-            return read_state_dict(folder / name, trust_pickle), str(folder / name)
-    raise FileNotFoundError(f"no weights in {folder}: expected {' or '.join(WEIGHT_FILES[part])}")
-
-
-def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A `tokenizer/` folder: vocab.json + merges.txt (SD v1.x's), or only tokenizer.json,
-    the file transformers 5 saves, whose BPE model holds the same vocabulary and merges
-    (as "a b" strings or [a, b] pairs). Special tokens and model_max_length come from
-    tokenizer_config.json. Raises FileNotFoundError when neither form is there."""
-    folder = Path(folder)
-    if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
-        return CLIPTokenizer.from_pretrained(folder)
-    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    settings = {}
-    if (folder / "tokenizer_config.json").is_file():
-        settings = json.loads((folder / "tokenizer_config.json").read_text())
-    kwargs = {k: settings[k] for k in ("bos_token", "eos_token", "pad_token", "model_max_length")
-              if isinstance(settings.get(k), (str, int))}
-    return CLIPTokenizer(model["vocab"], merges, **kwargs)
-
-
-def load_scheduler(config: dict) -> Scheduler:
+def load_scheduler(config: dict, source: str | Path | None = None) -> Scheduler:
     """A scheduler from a `scheduler_config.json` dict, by its `_class_name`.
 
     A scheduler minisd does not implement (SD v1.5's PNDMScheduler, LMSDiscreteScheduler, …)
     becomes DPMSolverMultistepScheduler on the same noise schedule, with a warning;
     choose another per call with the pipeline's `scheduler=` argument.
+    Raises ValueError naming `source` (the file) for a config the scheduler refuses.
     """
     name = config.get("_class_name", DEFAULT_SCHEDULER)
     if name not in SCHEDULER_CLASSES:
@@ -221,12 +109,24 @@ def load_scheduler(config: dict) -> Scheduler:
                       f"schedule (pick another with scheduler=, one of {', '.join(SCHEDULERS)})",
                       stacklevel=3)
         name = DEFAULT_SCHEDULER
-    return SCHEDULER_CLASSES[name].from_config(config)
+    with naming(source):
+        return SCHEDULER_CLASSES[name].from_config(config)
 
 
-def load_pretrained(folder: str | Path, torch_dtype: torch.dtype = torch.float32,
+def scheduler_from_pretrained(path: str | Path, subfolder: str | None = None) -> Scheduler:
+    """The scheduler of a `scheduler/` folder (`path`, `path/subfolder`, or the `scheduler/`
+    of a model folder), of the class its `scheduler_config.json` names (`load_scheduler`).
+    Raises FileNotFoundError naming a missing folder or file; ValueError naming the file for
+    a config that is not JSON or that the scheduler refuses."""
+    folder = find_folder(path, subfolder, "scheduler", (SCHEDULER_CONFIG,))
+    config_path = folder / SCHEDULER_CONFIG
+    return load_scheduler(read_json(config_path), config_path)
+
+
+def load_pretrained(folder: str | Path, torch_dtype: torch.dtype | None = torch.float32,
                     device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
-    """Load a diffusers-format Stable Diffusion folder (the layout in the module docstring).
+    """Load a diffusers-format Stable Diffusion folder (the layout in the module docstring):
+    each part through its class's `from_pretrained(folder, subfolder=part)`.
 
     Args:
         folder: the model folder (with model_index.json).
@@ -236,32 +136,21 @@ def load_pretrained(folder: str | Path, torch_dtype: torch.dtype = torch.float32
         {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}: minisd objects, the
         networks in eval mode.
     Raises:
-        FileNotFoundError naming a missing file; ValueError for a pipeline class minisd does
-        not load (SDXL, …), configs minisd cannot build, or weights that do not match their
-        config (listing the keys).
+        FileNotFoundError naming a missing folder or file; ValueError naming the file for a
+        pipeline class minisd does not load (SDXL, …), configs minisd cannot build (and the
+        key), damaged weights, or weights that do not match their config (listing the keys).
     """
-    folder = Path(folder)
-    index = _read_json(folder / MODEL_INDEX)
+    folder = find_folder(folder, None, None, (MODEL_INDEX,))
+    index = read_json(folder / MODEL_INDEX, MODEL_FOLDER)
     kind = index.get("_class_name")
     if kind not in PIPELINE_CLASSES:
         raise ValueError(f"{folder / MODEL_INDEX} describes a {kind}; minisd loads "
                          f"{' and '.join(PIPELINE_CLASSES)} folders (SD v1.x, v2.x)")
-    nets = {"unet": (UNet2DConditionModel, UNet2DConditionConfig),
-            "vae": (AutoencoderKL, AutoencoderKLConfig),
-            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
-    parts = {}
-    for part, (cls, config_cls) in nets.items():
-        config = config_cls.from_config(_read_json(folder / part / "config.json"))
-        state, source = _weights(folder / part, part, trust_pickle)
-        if part == "text_encoder":
-            state = text_encoder_state(state)
-        parts[part] = _build(cls, config, state, source, None, torch_dtype, device)
-    if not (folder / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{folder} has no tokenizer/ folder")
-    parts["tokenizer"] = load_tokenizer(folder / "tokenizer")
-    parts["scheduler"] = load_scheduler(_read_json(folder / "scheduler" /
-                                                   "scheduler_config.json"))
-    return parts
+    parts = {part: cls.from_pretrained(folder, part, torch_dtype,
+                                       trust_pickle=trust_pickle).to(device)
+             for part, cls in MODELS.items()}
+    return {**parts, "tokenizer": CLIPTokenizer.from_pretrained(folder, "tokenizer"),
+            "scheduler": scheduler_from_pretrained(folder, "scheduler")}
 
 
 def save_pretrained(folder: str | Path, vae: AutoencoderKL, text_encoder: CLIPTextModel,
@@ -406,18 +295,77 @@ def _vae_linear(key: str, tensor: torch.Tensor, to_diffusers: bool) -> torch.Ten
 
 
 # ---------------------------------------------------------------- single files
+#
+# load_single_file runs five steps, one job each: read the file (`read_single_file`), pick
+# the U-Net's EMA or trained weights (`select_ema`), build the configs
+# (`single_file_components`), map the keys to the diffusers names of each part
+# (`split_parts`), and load each part strictly (`PretrainedModel.from_state_dict`, errors
+# naming keys as the file does, `file_names`).
 
-def _sd_v1_configs() -> dict:
-    return {"unet": UNet2DConditionConfig(), "vae": AutoencoderKLConfig.sd_v1(),
-            "text_encoder": CLIPTextConfig.sd_v1()}
+def load_single_file(path: str | Path, config: str | Path | None = None,
+                     use_ema: bool | None = None, torch_dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
+    """Load an original SD v1 single-file checkpoint (`.safetensors` or `.ckpt`).
+
+    The layouts accepted: keys flat at the top level or under `state_dict`;
+    text-encoder keys under `cond_stage_model.transformer.text_model.` or, from older
+    transformers, `cond_stage_model.transformer.` directly; with or without a
+    `position_ids` buffer (ignored even when broken, as merged files store it); schedule
+    buffers (`betas`, `alphas_cumprod`, …) compared with the scheduler's and otherwise
+    ignored (a mismatch warns).
+
+    Args:
+        path: the file; it is only read.
+        config: None for SD v1.x's built-in configs (U-Net, VAE, ViT-L/14 text tower, OpenAI's
+            tokenizer, the SD v1 noise schedule), or a diffusers model folder whose configs,
+            tokenizer and scheduler describe the file's model (weights there are not read).
+        use_ema: which U-Net weights when the file also holds the EMA copy (`model_ema.`, its
+            keys the U-Net's keys with the dots removed, as ldm's LitEma names them): None
+            takes the EMA copy when present (the one SD's authors sample with), True requires
+            it, False takes the trained weights.
+        torch_dtype, device: where the networks go.
+        trust_pickle: the opt-in of `read_state_dict` for pickles holding other objects.
+    Returns:
+        {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}, as `load_pretrained`.
+    Raises:
+        ValueError for a foreign checkpoint (SDXL, SD 2.x, …), a U-Net whose input channels
+        differ from the config's (an inpainting model: 9), use_ema=True without EMA
+        weights, or keys that do not match (missing and unexpected ones listed by the file's
+        names); the errors of `read_state_dict`.
+    """
+    source = str(path)
+    torch_dtype = check_dtype(torch_dtype)
+    state = select_ema(read_single_file(path, trust_pickle), use_ema, source)
+    configs, tokenizer, scheduler = single_file_components(config, state, source)
+    parts = split_parts(state, configs, source)
+    _check_schedule(state, scheduler, source)
+    names = file_names(configs)
+    models = {part: cls.from_state_dict(configs[part], parts[part], source, names[part],
+                                        torch_dtype).to(device)
+              for part, cls in MODELS.items()}
+    return {**models, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def _configs_from_folder(folder: Path) -> dict:
-    return {"unet": UNet2DConditionConfig.from_config(_read_json(folder / "unet" /
-                                                                 "config.json")),
-            "vae": AutoencoderKLConfig.from_config(_read_json(folder / "vae" / "config.json")),
-            "text_encoder": CLIPTextConfig.from_config(_read_json(folder / "text_encoder" /
-                                                                  "config.json"))}
+def file_names(configs: dict) -> dict:
+    """Per part, a model key → its name in an SD v1 single file (the rules run backwards),
+    so that load errors name keys as the file does."""
+    unet, vae = unet_rules(configs["unet"]), vae_rules(configs["vae"])
+    return {"unet": lambda k: UNET_PREFIX + rename(k, unet, to_diffusers=False),
+            "vae": lambda k: VAE_PREFIX + rename(k, vae, to_diffusers=False),
+            "text_encoder": lambda k: TEXT_PREFIX + TEXT_MODEL + k}
+
+
+def read_single_file(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Step 1, read: the file's tensors (a `state_dict` wrapper opened, numbers such as
+    `global_step` dropped), refused unless they are an SD v1 checkpoint."""
+    state = read_state_dict(path, trust_pickle)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors (keys: {sorted(state)[:8]})")
+    _check_sd_v1(tensors, str(path))
+    return tensors
 
 
 def _check_sd_v1(state: dict, source: str) -> None:
@@ -436,93 +384,88 @@ def _check_sd_v1(state: dict, source: str) -> None:
                      "folder loads with from_pretrained instead")
 
 
-def load_single_file(path: str | Path, config: str | Path | None = None,
-                     use_ema: bool | None = None, torch_dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", trust_pickle: bool = False) -> dict:
-    """Load an original SD v1 single-file checkpoint (`.safetensors` or `.ckpt`).
-
-    The layouts accepted: keys flat at the top level or under `state_dict`;
-    text-encoder keys under `cond_stage_model.transformer.text_model.` or, from older
-    transformers, `cond_stage_model.transformer.` directly; with or without a
-    `position_ids` buffer; schedule buffers (`betas`, `alphas_cumprod`, …) compared
-    with the scheduler's and otherwise ignored (a mismatch warns).
-
-    Args:
-        path: the file; it is only read.
-        config: None for SD v1.x's built-in configs (U-Net, VAE, ViT-L/14 text tower, OpenAI's
-            tokenizer, the SD v1 noise schedule), or a diffusers model folder whose configs,
-            tokenizer and scheduler describe the file's model (weights there are not read).
-        use_ema: which U-Net weights when the file also holds the EMA copy (`model_ema.`, its
-            keys the U-Net's keys with the dots removed, as ldm's LitEma names them): None
-            takes the EMA copy when present (the one SD's authors sample with), True requires
-            it, False takes the trained weights.
-        torch_dtype, device: where the networks go.
-        trust_pickle: the opt-in of `read_state_dict` for pickles holding other objects.
-    Returns:
-        {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}, as `load_pretrained`.
-    Raises:
-        ValueError for a foreign checkpoint (SDXL, SD 2.x, …), use_ema=True without EMA
-        weights, or keys that do not match (missing and unexpected ones listed by the file's
-        names); the errors of `read_state_dict`.
-    """
-    source = str(path)
-    state = read_state_dict(path, trust_pickle)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    state = _tensors(state, source)
-    _check_sd_v1(state, source)
-    configs = _sd_v1_configs() if config is None else _configs_from_folder(Path(config))
-    if config is None:
-        tokenizer, scheduler = CLIPTokenizer.openai(), load_scheduler({**SD_V1_SCHEDULER_CONFIG, "_class_name": DEFAULT_SCHEDULER})
-    else:
-        tokenizer = load_tokenizer(Path(config) / "tokenizer")
-        scheduler = load_scheduler(_read_json(Path(config) / "scheduler" /
-                                              "scheduler_config.json"))
-
+def select_ema(state: dict, use_ema: bool | None, source: str) -> dict:
+    """Step 2, EMA: with the EMA copy chosen (see `load_single_file`), the U-Net's weights
+    replaced by their `model_ema.` copies; the EMA keys themselves are left for `split_parts`
+    to skip. Raises ValueError for use_ema=True without EMA weights, or an EMA copy that
+    lacks some U-Net weights (listed)."""
     has_ema = any(k.startswith(EMA_PREFIX) and k not in SCHEDULE_BUFFERS for k in state)
     if use_ema and not has_ema:
         raise ValueError(f"use_ema=True but {source} has no EMA weights ({EMA_PREFIX}…); "
                          "load it with use_ema=None or False")
-    use_ema = has_ema if use_ema is None else use_ema
+    if not (has_ema if use_ema is None else use_ema):
+        return state
+    ema = {k: EMA_PREFIX + k.removeprefix("model.").replace(".", "")
+           for k in state if k.startswith(UNET_PREFIX)}
+    missing = sorted(copy for copy in ema.values() if copy not in state)
+    if missing:
+        raise ValueError(f"{source} has an incomplete EMA copy of the U-Net:"
+                         + listed("missing EMA keys", missing)
+                         + "\nLoad the trained weights with use_ema=False")
+    return {**state, **{k: state[copy] for k, copy in ema.items()}}
 
+
+def _sd_v1_configs() -> dict:
+    return {"unet": UNet2DConditionConfig(), "vae": AutoencoderKLConfig.sd_v1(),
+            "text_encoder": CLIPTextConfig.sd_v1()}
+
+
+def _configs_from_folder(folder: Path) -> dict:
+    return {part: cls.load_config(folder, part) for part, cls in MODELS.items()}
+
+
+def single_file_components(config: str | Path | None, state: dict, source: str
+                           ) -> tuple[dict, CLIPTokenizer, Scheduler]:
+    """Step 3, configs: the three networks' configs, the tokenizer and the scheduler, SD v1's
+    built-in ones or those of the model folder `config`. Raises ValueError when the file's
+    U-Net reads another number of input channels than the config's (an inpainting U-Net
+    has 9: latents, mask, masked-picture latents), naming the key and both shapes."""
+    if config is None:
+        configs, tokenizer = _sd_v1_configs(), CLIPTokenizer.openai()
+        scheduler = load_scheduler({**SD_V1_SCHEDULER_CONFIG, "_class_name": DEFAULT_SCHEDULER})
+    else:
+        configs = _configs_from_folder(Path(config))
+        tokenizer = CLIPTokenizer.from_pretrained(config, "tokenizer")
+        scheduler = scheduler_from_pretrained(config, "scheduler")
+    _check_in_channels(state, configs["unet"], source)
+    return configs, tokenizer, scheduler
+
+
+def _check_in_channels(state: dict, unet: UNet2DConditionConfig, source: str) -> None:
+    found = tuple(state[CONV_IN].shape) if CONV_IN in state else ()
+    if len(found) != 4 or found[1] == unet.in_channels:
+        return
+    expected = (unet.block_out_channels[0], unet.in_channels, 3, 3)
+    what = (" This is an inpainting model (4 latent + 1 mask + 4 masked-picture channels); "
+            "minisd's pipeline draws from text and pictures, not inpainting."
+            if found[1] == 9 else "")
+    raise ValueError(f"{source}: {CONV_IN} has shape {found}, but the U-Net config takes "
+                     f"{unet.in_channels} input channels, shape {expected}.{what}")
+
+
+def split_parts(state: dict, configs: dict, source: str) -> dict[str, dict]:
+    """Step 4, map keys: the file's tensors split into the three networks' state dicts under
+    diffusers' names (`unet_rules`, `vae_rules` and the VAE's shape rule; the text encoder's
+    `text_encoder_state`). EMA keys and schedule buffers are skipped. Raises ValueError
+    listing the keys that belong to no part."""
     rules = {"unet": unet_rules(configs["unet"]), "vae": vae_rules(configs["vae"])}
     parts = {"unet": {}, "vae": {}, "text_encoder": {}}
     unexpected = []
     for key, tensor in state.items():
         if key.startswith(UNET_PREFIX):
-            part, name = "unet", rename(key[len(UNET_PREFIX):], rules["unet"])
-            if use_ema:
-                ema_key = EMA_PREFIX + key.removeprefix("model.").replace(".", "")
-                tensor = state.get(ema_key)
-                if tensor is None:
-                    unexpected.append(f"{key} (its EMA copy {ema_key} is missing)")
-                    continue
+            parts["unet"][rename(key[len(UNET_PREFIX):], rules["unet"])] = tensor
         elif key.startswith(VAE_PREFIX):
-            part, name = "vae", rename(key[len(VAE_PREFIX):], rules["vae"])
-            tensor = _vae_linear(name, tensor, to_diffusers=True)
+            name = rename(key[len(VAE_PREFIX):], rules["vae"])
+            parts["vae"][name] = _vae_linear(name, tensor, to_diffusers=True)
         elif key.startswith(TEXT_PREFIX):
-            part, name = "text_encoder", key[len(TEXT_PREFIX):].removeprefix(TEXT_MODEL)
-            if name == POSITION_IDS:
-                continue
-        elif key.startswith(EMA_PREFIX) or key in SCHEDULE_BUFFERS:
-            continue
-        else:
+            parts["text_encoder"][key[len(TEXT_PREFIX):]] = tensor
+        elif not (key.startswith(EMA_PREFIX) or key in SCHEDULE_BUFFERS):
             unexpected.append(key)
-            continue
-        parts[part][name] = tensor
     if unexpected:
         raise ValueError(f"{source} has keys that belong to no part of SD v1:"
                          + listed("unexpected keys", sorted(unexpected)))
-    _check_schedule(state, scheduler, source)
-
-    file_names = {"unet": lambda k: UNET_PREFIX + rename(k, rules["unet"], False),
-                  "vae": lambda k: VAE_PREFIX + rename(k, rules["vae"], False),
-                  "text_encoder": lambda k: TEXT_PREFIX + TEXT_MODEL + k}
-    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
-               "text_encoder": CLIPTextModel}
-    models = {part: _build(classes[part], configs[part], parts[part], source, file_names[part],
-                           torch_dtype, device) for part in parts}
-    return {**models, "tokenizer": tokenizer, "scheduler": scheduler}
+    parts["text_encoder"] = text_encoder_state(parts["text_encoder"], source)
+    return parts
 
 
 def _check_schedule(state: dict, scheduler: Scheduler, source: str) -> None:

@@ -13,7 +13,7 @@ with t a learned log inverse temperature (`logit_scale`, initialised to ln(1/0.0
 capped at ln 100, as in the paper). Nothing tells the model what "red" or "left" means; it
 finds out because those words are what separates a caption from the other N − 1.
 
-Stable Diffusion keeps only the text tower (minisd/clip.py), frozen, and reads its
+Stable Diffusion keeps only the text tower (minisd/text_encoder.py), frozen, and reads its
 `last_hidden_state`. This module adds what training it needs: a small convolutional image
 tower (`CLIPImageEncoder`), the two projections and the temperature (`CLIPModel`, top-level
 names as in transformers' `CLIPModel`: text_model, vision_model, text_projection,
@@ -30,15 +30,26 @@ import copy
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from minisd.pretrained import (
+    CONFIG_NAME,
+    ModelConfig,
+    PretrainedModel,
+    check_dtype,
+    check_positive,
+    find_folder,
+    read_json,
+    require_file,
+)
+from minisd.state_dict import read_state_dict
 from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 
 __all__ = ["CLIPConfig", "CLIPImageConfig", "CLIPImageEncoder", "CLIPModel", "CLIPOutput",
@@ -51,7 +62,7 @@ PIXEL_LIMIT = 1.5
 
 
 @dataclass
-class CLIPImageConfig:
+class CLIPImageConfig(ModelConfig):
     """The image tower: per stage a 3×3 convolution at full resolution, then a 2×2 max-pool;
     then a linear map of the flattened feature grid. With the defaults:
     (B, 3, 64, 64) → (B, 16, 32, 32) → (B, 32, 16, 16) → (B, 64, 8, 8) → (B, 128, 4, 4)
@@ -60,7 +71,8 @@ class CLIPImageConfig:
     image_size: side of the square input; num_channels: its channels; block_out_channels:
     channels of each stage; hidden_size: width of the image vector; norm_num_groups:
     GroupNorm groups (must divide every channel count).
-    Raises ValueError if the sizes do not divide.
+    Raises TypeError naming a field of the wrong type; ValueError naming the field for sizes
+    that are not > 0 or do not divide.
     """
 
     image_size: int = 64
@@ -69,8 +81,9 @@ class CLIPImageConfig:
     hidden_size: int = 128
     norm_num_groups: int = 8
 
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
+    def check(self):
+        check_positive(self, "image_size", "num_channels", "block_out_channels", "hidden_size",
+                       "norm_num_groups")
         stages = len(self.block_out_channels)
         if self.image_size % 2 ** stages:
             raise ValueError(f"image_size {self.image_size} does not halve {stages} times "
@@ -87,30 +100,31 @@ class CLIPImageConfig:
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ModelConfig):
     """Both towers and the joint space. `projection_dim` (P) and `logit_scale_init_value`
-    (ln(1/0.07) = 2.6592) are transformers' `CLIPConfig` names and defaults' meaning."""
+    (ln(1/0.07) = 2.6592) are transformers' `CLIPConfig` names and defaults' meaning.
+    Raises TypeError or ValueError naming the field, as the towers' configs do."""
 
     text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     image_config: CLIPImageConfig = field(default_factory=CLIPImageConfig)
     projection_dim: int = 64
     logit_scale_init_value: float = math.log(1 / 0.07)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "CLIPConfig":
-        """From a config dict (nested dicts for the towers); unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in names}
-        if isinstance(values.get("text_config"), dict):
-            values["text_config"] = CLIPTextConfig.from_config(values["text_config"])
-        if isinstance(values.get("image_config"), dict):
-            known = {f.name for f in fields(CLIPImageConfig)}
-            values["image_config"] = CLIPImageConfig(
-                **{k: v for k, v in values["image_config"].items() if k in known})
-        return cls(**values)
+    def check(self):
+        check_positive(self, "projection_dim")
+        if not math.isfinite(self.logit_scale_init_value):
+            raise ValueError(f"logit_scale_init_value must be finite, got "
+                             f"{self.logit_scale_init_value!r}")
 
-    def to_config(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def from_config(cls, config: dict, source=None) -> "CLIPConfig":
+        """From a config dict, the towers' configs as nested dicts (or dataclasses); unknown
+        keys are ignored. Errors as `ModelConfig.from_config`, naming the tower's key."""
+        config = dict(config)
+        for key, tower in (("text_config", CLIPTextConfig), ("image_config", CLIPImageConfig)):
+            if isinstance(config.get(key), dict):
+                config[key] = tower.from_config(config[key], source and f"{source}, {key}")
+        return super().from_config(config, source)
 
 
 class CLIPImageEncoder(nn.Module):
@@ -124,7 +138,8 @@ class CLIPImageEncoder(nn.Module):
     is survives) → LayerNorm → linear `proj` to hidden_size.
     Raises TypeError for pictures that are not a float tensor (e.g. uint8); ValueError for
     an empty batch, pictures of the wrong channel count or size, or values clearly outside
-    [−1, 1] (beyond ±`PIXEL_LIMIT`, e.g. 0–255; resampling may overshoot ±1 a little).
+    [−1, 1] (beyond ±`PIXEL_LIMIT`, e.g. 0–255; resampling may overshoot ±1 a little),
+    the range checked on CPU pictures (no device sync per training batch).
     """
 
     def __init__(self, config: CLIPImageConfig):
@@ -141,6 +156,15 @@ class CLIPImageEncoder(nn.Module):
         self.proj = nn.Linear(features, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self._check_pixels(pixel_values)
+        x = pixel_values
+        for block in self.blocks:
+            x = block(x)                                        # (B, c, H/2, W/2)
+        return self.proj(self.norm(x.flatten(1)))               # (B, hidden)
+
+    def _check_pixels(self, pixel_values):
+        """The checks of `forward`. The value range is checked where that needs no device
+        sync (on the CPU); pictures on an accelerator are checked for type and shape only."""
         cfg = self.config
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pictures must be a torch.Tensor (B, C, H, W) in [-1, 1], got "
@@ -156,15 +180,12 @@ class CLIPImageEncoder(nn.Module):
         if len(pixel_values) == 0:
             raise ValueError("no pictures: the batch is empty, shape "
                              f"{tuple(pixel_values.shape)}; give at least one")
-        low, high = (v.item() for v in pixel_values.detach().aminmax())
-        if low < -PIXEL_LIMIT or high > PIXEL_LIMIT:
-            raise ValueError(f"pictures must lie in [-1, 1], got values {low:.4g}…{high:.4g}; "
+        if pixel_values.device.type == "cpu" and pixel_values.detach().abs().max() > PIXEL_LIMIT:
+            low, high = pixel_values.detach().aminmax()
+            raise ValueError(f"pictures must lie in [-1, 1], got values {float(low):.4g}…"
+                             f"{float(high):.4g}; "
                              "map 0–255 pixels with x / 127.5 - 1 and 0–1 pixels with "
                              "x * 2 - 1")
-        x = pixel_values
-        for block in self.blocks:
-            x = block(x)                                        # (B, c, H/2, W/2)
-        return self.proj(self.norm(x.flatten(1)))               # (B, hidden)
 
 
 class CLIPOutput(NamedTuple):
@@ -177,12 +198,17 @@ class CLIPOutput(NamedTuple):
     image_embeds: torch.Tensor
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(PretrainedModel, nn.Module):
     """CLIP with minisd's text tower and a small image tower (module docstring).
 
     Projections start N(0, width^−1) (OpenAI's `text_projection` init), logit_scale at
     `logit_scale_init_value`. Use `forward` for similarities, `clip_loss` for the loss.
+    Files: `from_pretrained(path, subfolder=None, torch_dtype=None)`, `from_config`,
+    `save_pretrained` (`minisd.pretrained`), in the two-folder layout of the module docstring.
     """
+
+    config_class = CLIPConfig
+    weights_names = ("model.safetensors",)
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -223,52 +249,56 @@ class CLIPModel(nn.Module):
     # ---- files ----
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "CLIPModel":
-        """Load ``folder/text_encoder/`` and ``folder/clip_image/`` (as `save_pretrained`
-        writes them). Raises FileNotFoundError naming a missing file; ValueError (from
-        `load_state_dict`) for weights that do not fit the config."""
-        folder = Path(folder)
-        for name in (f"{IMAGE_FOLDER}/config.json", f"{IMAGE_FOLDER}/model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}; a CLIP model folder holds "
-                                        f"{TEXT_FOLDER}/ and {IMAGE_FOLDER}/ "
-                                        "(CLIPModel.save_pretrained)")
-        text_model = CLIPTextModel.from_pretrained(folder / TEXT_FOLDER)
-        config = json.loads((folder / IMAGE_FOLDER / "config.json").read_text())
-        config = CLIPConfig.from_config({**config, "text_config": text_model.config})
-        with torch.device("meta"):
-            model = cls(config)
-        model.text_model = text_model
-        path = folder / IMAGE_FOLDER / "model.safetensors"
-        state = load_file(path)
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith("text_model.")}
-        if set(state) != set(own):
-            raise ValueError(f"{path} does not fit CLIPModel: missing "
-                             f"{sorted(set(own) - set(state))[:5]}, unexpected "
-                             f"{sorted(set(state) - set(own))[:5]}")
-        for key, tensor in state.items():
-            if tensor.shape != own[key].shape:
-                raise ValueError(f"{key} has shape {tuple(tensor.shape)} in {path} but "
-                                 f"{tuple(own[key].shape)} in the model of its config.json")
-        model.load_state_dict(state, strict=False, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+    def load_config(cls, path: str | Path, subfolder: str | None = None) -> CLIPConfig:
+        """The config of a CLIP model folder: ``clip_image/config.json`` with the text tower's
+        ``text_encoder/config.json``. Errors as in `from_pretrained`."""
+        folder = find_folder(path, subfolder, None, (f"{IMAGE_FOLDER}/{CONFIG_NAME}",))
+        config_path = folder / IMAGE_FOLDER / CONFIG_NAME
+        image = read_json(config_path, cls._folder_description())
+        text = CLIPTextModel.load_config(folder, TEXT_FOLDER)
+        return CLIPConfig.from_config({**image, "text_config": text}, config_path)
 
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float16):
+    @classmethod
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, *,
+                        trust_pickle: bool = False) -> "CLIPModel":
+        """Load ``text_encoder/`` and ``clip_image/`` of a CLIP model folder (`path`, or
+        `path/subfolder`), as `save_pretrained` writes them; the loader contract of
+        `minisd.pretrained` (float32 by default, eval mode).
+        Raises FileNotFoundError naming a missing folder or file; ValueError naming the file
+        for a bad config (and its key), damaged weights or weights that do not fit."""
+        torch_dtype = check_dtype(torch_dtype)
+        config = cls.load_config(path, subfolder)
+        folder = find_folder(path, subfolder, None, (f"{IMAGE_FOLDER}/{CONFIG_NAME}",))
+        text = CLIPTextModel.from_pretrained(folder, TEXT_FOLDER, trust_pickle=trust_pickle)
+        weights = require_file(folder / IMAGE_FOLDER, cls.weights_names,
+                               cls._folder_description())
+        state = {**read_state_dict(weights, trust_pickle),
+                 **{"text_model." + k: v for k, v in text.state_dict().items()}}
+        return cls.from_state_dict(config, state, str(weights), torch_dtype=torch_dtype)
+
+    @classmethod
+    def _folder_description(cls) -> str:
+        return (f"a CLIP model folder holds {TEXT_FOLDER}/ and {IMAGE_FOLDER}/ (with "
+                f"{CONFIG_NAME} and {cls.weights_names[0]}), as CLIPModel.save_pretrained "
+                "writes them")
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write ``folder/text_encoder/`` (`CLIPTextModel.save_pretrained`) and
         ``folder/clip_image/`` (config.json: projection_dim, logit_scale_init_value,
         image_config; model.safetensors: vision_model.*, the projections, logit_scale),
         with weights stored as `dtype` (float16 by default: half the bytes; loading
-        converts back to float32)."""
+        converts back to float32). Returns the folder."""
         folder = Path(folder)
         copy.deepcopy(self.text_model).to(dtype).save_pretrained(folder / TEXT_FOLDER)
         (folder / IMAGE_FOLDER).mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in self.config.to_config().items() if k != "text_config"}
-        (folder / IMAGE_FOLDER / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / IMAGE_FOLDER / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         tensors = {k: v.detach().to(dtype).contiguous().cpu()
                    for k, v in self.state_dict().items() if not k.startswith("text_model.")}
-        save_file(tensors, folder / IMAGE_FOLDER / "model.safetensors",
+        save_file(tensors, folder / IMAGE_FOLDER / self.weights_names[0],
                   metadata={"format": "pt"})
+        return folder
 
 
 def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ some n; its DPM-Solver grids repeat or reach t = T for n ≥ T), minisd keeps to
 refuses, and says so where it happens.
 """
 
+import functools
 import json
 import operator
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -35,6 +36,7 @@ from typing import ClassVar
 import torch
 
 from minisd.noise import NoiseSchedule, rescale_zero_terminal_snr
+from minisd.pretrained import find_folder, naming, read_json
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -46,7 +48,7 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
-def _check_num_steps(num_inference_steps, num_train_timesteps: int) -> int:
+def _whole_number(num_inference_steps) -> int:
     try:
         n = operator.index(num_inference_steps)
     except TypeError:
@@ -54,9 +56,25 @@ def _check_num_steps(num_inference_steps, num_train_timesteps: int) -> int:
                          f"{num_inference_steps!r}") from None
     if n < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {n}")
-    if n > num_train_timesteps:
-        raise ValueError(f"num_inference_steps={n} is more than the {num_train_timesteps} "
-                         f"timesteps the model was trained on; use at most {num_train_timesteps}")
+    return n
+
+
+@functools.lru_cache(maxsize=64)
+def max_grid_steps(num_train_timesteps: int = 1000, timestep_spacing: str = "leading",
+                   steps_offset: int = 0) -> int:
+    """The largest n such that `spaced_timesteps` gives every grid of 1 … n steps: n distinct
+    timesteps inside [0, T−1].
+
+    T for linspace and trailing spacing, and for leading spacing without offset; leading
+    spacing with steps_offset k ≥ 1 ends at (n−1)·⌊T/n⌋ + k, which passes T − 1 for n = T:
+    SD v1's leading grid (k = 1) gives at most 999 steps.
+    """
+    T = num_train_timesteps
+    if timestep_spacing != "leading":
+        return T
+    n = 0
+    while n < T and n * (T // (n + 1)) + steps_offset <= T - 1:    # the grid of n + 1 fits
+        n += 1
     return n
 
 
@@ -75,12 +93,15 @@ def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
     diffusers computes the trailing grid with np.arange(T, 0, −T/n), which for some n (61, 103,
     …) returns n + 1 entries ending at −1; this grid always has n.
 
-    Raises ValueError for an unknown spacing, n outside [1, T], or a grid that leaves [0, T−1]
-    (leading spacing with steps_offset = 1 and n = T would reach t = T).
+    Raises ValueError for an unknown spacing, n < 1, or n beyond `max_grid_steps` (n > T, or
+    leading spacing with steps_offset = 1 and n = T, which would reach t = T).
     """
     _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     T = num_train_timesteps
-    n = _check_num_steps(num_inference_steps, T)
+    n = _whole_number(num_inference_steps)
+    if n > T:
+        raise ValueError(f"num_inference_steps={n} is more than the {T} timesteps the model "
+                         f"was trained on; use at most {T}")
     k = torch.arange(n, dtype=torch.float64)
     if timestep_spacing == "leading":
         t = (k * (T // n) + steps_offset).flip(0)
@@ -221,6 +242,11 @@ class SchedulerConfig:
     `trained_betas` (a list of T values) replaces the named beta schedule when given;
     `rescale_betas_zero_snr` applies Lin et al. 2023, Algorithm 1 (chapter 1) to the betas.
     Raises ValueError for an unknown prediction type or timestep spacing.
+
+    A scheduler's config also remembers, as diffusers' does, what switching to another
+    scheduler needs (see `Scheduler.from_config`): `use_default_values`, the keys that took
+    their default because the source did not set them (diffusers' `_use_default_values`), and
+    `other_keys`, the source's keys this scheduler does not read, kept for the next one.
     """
 
     num_train_timesteps: int = 1000
@@ -285,9 +311,11 @@ class Scheduler:
     """What all schedulers share: the config, the noise schedule, the grid and its look-ups.
 
     Build one from keyword arguments (`DDIMScheduler(beta_schedule="scaled_linear")`), from a
-    config dict (`from_config`, unknown keys ignored) or from a model folder
-    (`from_pretrained`). Use: `set_timesteps(n, device)`, then for each t in `timesteps`:
-    `model_input = scale_model_input(x, t)`, run the model, `x = step(out, t, x).prev_sample`.
+    config (`from_config`: a model's scheduler_config.json, or another scheduler's `config`)
+    or from a model folder (`from_pretrained`). Use: `set_timesteps(n, device)`, then for each t
+    in `timesteps`: `model_input = scale_model_input(x, t)`, run the model,
+    `x = step(out, t, x).prev_sample`. A scheduler holds the state of one run (its grid, and
+    DPM-Solver's previous x̂_0): give each run its own (the pipeline copies it per call).
     """
 
     config_class = SchedulerConfig
@@ -299,6 +327,9 @@ class Scheduler:
     def __init__(self, **config):
         _check_supported(type(self), config)
         self.config = self.config_class(**config)
+        self.config.use_default_values = sorted(set(_field_names(self.config_class))
+                                                - set(config))
+        self.config.other_keys = {}
         c = self.config
         if c.trained_betas is not None:
             betas = torch.tensor(c.trained_betas, dtype=torch.float32)
@@ -310,51 +341,119 @@ class Scheduler:
         self.alphas_cumprod = self.schedule.alphas_cumprod
         self.timesteps = None
         self.num_inference_steps = None
+        self.begin_index = 0
 
     @classmethod
-    def from_config(cls, config):
-        """Build from a config dict (e.g. a model's scheduler_config.json, any scheduler's) or
-        config dataclass. Keys this scheduler does not have are ignored, as in diffusers; a
-        known key asking for a feature minisd lacks (e.g. thresholding=True) raises ValueError."""
-        if is_dataclass(config):
-            config = asdict(config)
+    def from_config(cls, config, **overrides) -> "Scheduler":
+        """Build from a config, with `overrides` (keyword arguments) on top.
+
+        `config` is a dict (a model's scheduler_config.json, any scheduler's `to_config()`) or
+        another scheduler's `config`. Switching follows diffusers exactly: every key the source
+        set that this scheduler has is kept (num_train_timesteps, the β schedule and range,
+        prediction_type, steps_offset, timestep_spacing, set_alpha_to_one, clip_sample,
+        rescale_betas_zero_snr, …); a key the source did not set takes this scheduler's own
+        default (SD v1's config sets no timestep_spacing: DDIM takes 'leading', Euler
+        'linspace'), also after a detour through a scheduler that filled it in; keys this
+        scheduler does not have are kept in `config.other_keys` for the next switch.
+        Raises ValueError for a known key asking for a feature minisd lacks
+        (e.g. thresholding=True).
+        """
+        config = {**_set_keys(config), **overrides}
         _check_supported(cls, config)
-        names = {f.name for f in fields(cls.config_class)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        names = _field_names(cls.config_class)
+        scheduler = cls(**{k: v for k, v in config.items() if k in names})
+        scheduler.config.other_keys = {k: v for k, v in config.items()
+                                       if k not in names and not k.startswith("_")}
+        return scheduler
 
     def to_config(self) -> dict:
-        """The config as a diffusers-style dict, with `_class_name`."""
-        return {"_class_name": type(self).__name__, **asdict(self.config)}
+        """The config as a diffusers-style dict: `_class_name`, the keys kept for other
+        schedulers, this scheduler's keys, and `_use_default_values` (as diffusers' config)."""
+        return {"_class_name": type(self).__name__, **self.config.other_keys,
+                **asdict(self.config), "_use_default_values": list(self.config.use_default_values)}
 
     def save_pretrained(self, save_directory) -> Path:
-        """Write `save_directory/scheduler_config.json`; returns its path."""
+        """Write `save_directory/scheduler_config.json` (without `_use_default_values`, as
+        diffusers saves it); returns its path."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         path = path / CONFIG_NAME
-        path.write_text(json.dumps(self.to_config(), indent=2, sort_keys=True) + "\n")
+        config = {k: v for k, v in self.to_config().items() if k != "_use_default_values"}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Load from a folder holding `scheduler_config.json` (a model's `scheduler/`) or from
-        that file. Raises FileNotFoundError naming the missing file."""
+    def from_pretrained(cls, path, subfolder: str | None = None):
+        """Load from a model folder (its `scheduler/`), a folder holding `scheduler_config.json`
+        (or `path/subfolder`), or that file itself: the same contract as the models'.
+        Raises FileNotFoundError naming the missing file, ValueError naming the file and the
+        key for a config that does not fit."""
         path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no scheduler config at {path}; expected a folder with "
-                                    f"{CONFIG_NAME} or the file itself")
-        return cls.from_config(json.loads(path.read_text()))
+        config_path = (path if path.is_file() and subfolder is None
+                       else find_folder(path, subfolder, "scheduler", (CONFIG_NAME,)) / CONFIG_NAME)
+        with naming(config_path):
+            return cls.from_config(read_json(config_path))
+
+    # ---- the grid ----
+
+    def _max_steps(self, timestep_spacing: str) -> int:
+        """The most steps this scheduler's grid gives with `timestep_spacing`."""
+        c = self.config
+        return max_grid_steps(c.num_train_timesteps, timestep_spacing, c.steps_offset)
+
+    @property
+    def max_inference_steps(self) -> int:
+        """The most steps `set_timesteps` accepts: every n from 1 to this gives n distinct
+        timesteps in [0, T−1] (999 for SD v1's leading grid with steps_offset 1, else T)."""
+        return self._max_steps(self.config.timestep_spacing)
+
+    def spacings_allowing(self, num_inference_steps: int) -> list[str]:
+        """The timestep spacings whose grid gives `num_inference_steps` steps with this
+        scheduler's other settings."""
+        return [s for s in TIMESTEP_SPACINGS if self._max_steps(s) >= num_inference_steps]
+
+    def check_num_inference_steps(self, num_inference_steps) -> int:
+        """Return n if the grid can give n steps; else raise ValueError naming the limit and
+        the spacings that allow n (e.g. 1000 steps on SD v1's leading grid with steps_offset
+        1: at most 999; trailing or linspace spacing give 1000)."""
+        n = _whole_number(num_inference_steps)
+        limit = self.max_inference_steps
+        if n > limit:
+            c = self.config
+            allowing = self.spacings_allowing(n)
+            grid = (f"{c.timestep_spacing} spacing with steps_offset={c.steps_offset}"
+                    if c.timestep_spacing == "leading" else f"{c.timestep_spacing} spacing")
+            advice = (f", or timestep_spacing={' or '.join(map(repr, allowing))}, which "
+                      f"give{'s' if len(allowing) == 1 else ''} {n}" if allowing else "")
+            raise ValueError(f"num_inference_steps={n} is more than {type(self).__name__}'s "
+                             f"grid can give: {grid} on {c.num_train_timesteps} training "
+                             f"timesteps gives at most {limit} distinct steps; use at most "
+                             f"{limit}{advice}")
+        return n
 
     def _set_grid(self, timesteps: torch.Tensor, device) -> None:
         self._grid = timesteps.cpu()
         self.timesteps = timesteps.to(device)
         self.num_inference_steps = len(timesteps)
+        self.begin_index = 0
 
-    def _index(self, timestep) -> torch.Tensor:
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Sample from grid position `begin_index` on (img2img runs only the end of the grid);
+        call after set_timesteps. A timestep is looked up at or after this position, which
+        matters where the grid repeats one (DPM-Solver with Karras σ on the cosine schedule).
+        Raises ValueError before set_timesteps or for a position off the grid."""
+        if self.timesteps is None:
+            raise ValueError(f"call set_timesteps(num_inference_steps) on the "
+                             f"{type(self).__name__} before set_begin_index")
+        if not 0 <= begin_index < len(self._grid):
+            raise ValueError(f"begin_index must be a position of the {len(self._grid)}-step "
+                             f"grid, 0 … {len(self._grid) - 1}; got {begin_index}")
+        self.begin_index = begin_index
+
+    def _index(self, timestep, start: int = 0) -> torch.Tensor:
         """Grid positions of a timestep (a number or 0-d tensor: shape (1,)) or of one per
-        sample (a (B,) tensor: shape (B,)). Raises ValueError before set_timesteps or for a t
-        that is not on the grid."""
+        sample (a (B,) tensor: shape (B,)): the first position from `start` on that holds it.
+        Raises ValueError before set_timesteps or for a t that is not on the grid."""
         if self.timesteps is None:
             raise ValueError(f"call set_timesteps(num_inference_steps) on the "
                              f"{type(self).__name__} before using it")
@@ -364,6 +463,7 @@ class Scheduler:
                              f"{tuple(t.shape)}")
         t = t.reshape(-1)
         hits = t[:, None] == self._grid[None, :]
+        hits[:, :start] = False
         missing = ~hits.any(dim=1)
         if missing.any():
             grid = self._grid.tolist()
@@ -385,6 +485,22 @@ class Scheduler:
         return sample
 
 
+def _field_names(config_class) -> set[str]:
+    return {f.name for f in fields(config_class)}
+
+
+def _set_keys(config) -> dict:
+    """The keys a scheduler config's source set, as a dict: a dict without the keys its
+    `_use_default_values` lists; a scheduler's config dataclass without its
+    `use_default_values`, plus the `other_keys` it kept (diffusers' switching rule)."""
+    if is_dataclass(config):
+        defaults = set(getattr(config, "use_default_values", ()))
+        own = {k: v for k, v in asdict(config).items() if k not in defaults}
+        return {**getattr(config, "other_keys", {}), **own}
+    defaults = set(config.get("_use_default_values", ()))
+    return {k: v for k, v in config.items() if k not in defaults and k != "_use_default_values"}
+
+
 def _check_supported(cls, config: dict) -> None:
     for key, accepted in cls.unsupported.items():
         if key in config and config[key] not in accepted:
@@ -400,10 +516,11 @@ class _AlphaScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Make the grid: `timesteps` (n,) int64 on `device`, by `config.timestep_spacing`.
 
-        Raises ValueError for n < 1, n > num_train_timesteps or a grid outside [0, T−1].
+        Raises ValueError for n < 1 or n > `max_inference_steps`, naming the limit.
         """
         c = self.config
-        t = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing,
+        n = self.check_num_inference_steps(num_inference_steps)
+        t = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing,
                              c.steps_offset).round().long()
         final = torch.tensor([self.final_alpha_cumprod])
         self._alphas = torch.cat([self.alphas_cumprod[t], final])
@@ -441,7 +558,8 @@ class DDPMScheduler(_AlphaScheduler):
     """
 
     config_class = DDPMSchedulerConfig
-    unsupported: ClassVar[dict] = {"thresholding": (False,), "variance_type": ("fixed_small",)}
+    unsupported: ClassVar[dict] = {"thresholding": (False,),
+                                   "variance_type": ("fixed_small", None)}
 
     def posterior_variance(self, timestep) -> torch.Tensor:
         """β̃ = (1 − ᾱ_{t'})/(1 − ᾱ_t)·β with β = 1 − ᾱ_t/ᾱ_{t'} the β of the whole jump from t
@@ -570,10 +688,11 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         """Make the grid: `timesteps` (n,) float32 on `device` (fractional with linspace) and
         `sigmas` (n+1,) float32 on the CPU, σ interpolated at each t, then a final 0.
 
-        Raises ValueError for n < 1, n > num_train_timesteps or a grid outside [0, T−1].
+        Raises ValueError for n < 1 or n > `max_inference_steps`, naming the limit.
         """
         c = self.config
-        t = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing,
+        n = self.check_num_inference_steps(num_inference_steps)
+        t = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing,
                              c.steps_offset).float()
         sigmas = _interp(t.double(), self.train_sigmas).float()
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
@@ -667,7 +786,10 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     (a first step taken mid-grid, as in img2img, is first order too).
 
     The linspace and leading grids take n + 1 points and drop t = 0 (as diffusers), so they
-    allow at most T − 1 steps (diffusers repeats timesteps or reaches t = T there).
+    allow one step fewer than `spaced_timesteps` (999, or 998 with leading spacing and
+    steps_offset 1; diffusers repeats timesteps or reaches t = T there). With Karras σ the
+    timesteps may repeat (many σ near σ_max round to t = T − 1 on the cosine schedule): each
+    step still has its own σ, found by its position in the grid.
     """
 
     config_class = DPMSolverMultistepSchedulerConfig
@@ -680,27 +802,29 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         "use_dynamic_shifting": (False,),
     }
 
+    def _max_steps(self, timestep_spacing: str) -> int:
+        c = self.config
+        if c.use_karras_sigmas or timestep_spacing == "trailing":
+            return c.num_train_timesteps
+        return max_grid_steps(c.num_train_timesteps, timestep_spacing, c.steps_offset) - 1
+
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Make the grid: `timesteps` (n,) int64 on `device`, `sigmas` (n+1,) float32 on the CPU
         ending with 0, and `orders`, the solver order of each step.
 
         With use_karras_sigmas, σ follows Karras et al. 2022, eq. 5 from σ_max = σ_{T−1} to
         σ_min = σ_0, and each timestep is the rounded t where σ_t is that σ (it may repeat).
-        Raises ValueError for n < 1, n > T, or n > T − 1 with linspace or leading spacing.
+        Raises ValueError for n < 1 or n > `max_inference_steps`, naming the limit.
         """
         c = self.config
         T = c.num_train_timesteps
-        n = _check_num_steps(num_inference_steps, T)
+        n = self.check_num_inference_steps(num_inference_steps)
         if c.use_karras_sigmas:
             sigmas = karras_sigmas(self.train_sigmas[0].item(), self.train_sigmas[-1].item(), n)
             t = _sigma_to_t(sigmas, self.train_sigmas).round()
         elif c.timestep_spacing == "trailing":
             t = spaced_timesteps(n, T, "trailing")
         else:
-            if n > T - 1:
-                raise ValueError(f"DPM-Solver's {c.timestep_spacing} grid takes n + 1 of the {T} "
-                                 f"training timesteps, so at most {T - 1} steps; got {n}. Use "
-                                 "fewer steps or timestep_spacing='trailing'")
             t = spaced_timesteps(n + 1, T, c.timestep_spacing, c.steps_offset)[:-1].round()
         if not c.use_karras_sigmas:
             sigmas = _interp(t, self.train_sigmas)
@@ -710,27 +834,37 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         self._next = 0
         self._set_grid(t.long(), device)
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at grid position `begin_index` (img2img): `add_noise` and the first `step`
+        use the σ of that position, also where an earlier position holds the same timestep.
+        Errors as in Scheduler.set_begin_index."""
+        super().set_begin_index(begin_index)
+        self._next = begin_index
+        self._previous_x0 = None
+
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        """x_t = α_t·x_0 + σ_t·ε at grid timesteps (a number or a (B,) tensor), e.g. img2img."""
-        alpha, sigma = _alpha_sigma(self.sigmas[self._index(timesteps)])
+        """x_t = α_t·x_0 + σ_t·ε at grid timesteps (a number or a (B,) tensor), e.g. img2img;
+        σ_t of the first position from `begin_index` on that holds t."""
+        alpha, sigma = _alpha_sigma(self.sigmas[self._index(timesteps, self.begin_index)])
         return (_per_sample(alpha, original_samples) * original_samples
                 + _per_sample(sigma, original_samples) * noise).to(original_samples.dtype)
 
     def _position(self, timestep) -> int:
-        """The grid position of this step: the next position holding `timestep`."""
-        self._index(timestep)
+        """The grid position of this step: the next position holding `timestep` (the grid may
+        hold it several times). Raises ValueError for steps out of order or after the last."""
+        self._index(timestep)                  # set_timesteps was called, t is on the grid
         t = torch.as_tensor(timestep).detach().cpu().reshape(-1).unique()
         if t.numel() != 1:
             raise ValueError(f"{type(self).__name__} steps the whole batch at one timestep; "
                              f"got {t.tolist()}")
-        hits = (self._grid[self._next:] == t).nonzero().reshape(-1)
-        if len(hits) == 0 or (self._previous_x0 is not None and hits[0] != 0):
+        ahead = self._grid[self._next:] == t
+        if not ahead.any() or (self._previous_x0 is not None and not ahead[0]):
             expected = (f"next is {self._grid[self._next].item()}" if self._next < len(self._grid)
                         else "all steps are done")
             raise ValueError(f"DPM-Solver is multistep: take the steps in the order of "
                              f"scheduler.timesteps ({expected}, got {t.item()}); call "
                              "set_timesteps again to start over")
-        return self._next + hits[0].item()
+        return self._index(t, self._next).item()
 
     def step(self, model_output, timestep, sample, generator=None) -> SchedulerOutput:
         """One DPM-Solver++(2M) step from grid point i to i+1 (Lu et al. 2022, Algorithm 2):
@@ -806,12 +940,21 @@ SCHEDULERS = {
 def from_name(name: str, config=None, **overrides) -> Scheduler:
     """A scheduler by short name (the keys of SCHEDULERS: ddpm, ddim, euler, euler_ancestral,
     dpmpp_2m), built from a config (a model's scheduler_config.json dict, or any scheduler's
-    config) with `overrides` on top, e.g. `from_name("dpmpp_2m", cfg, use_karras_sigmas=True)`.
+    config) with `overrides` on top, e.g. `from_name("dpmpp_2m", cfg, use_karras_sigmas=True)`;
+    the switching rule of `Scheduler.from_config`.
 
     Raises ValueError for an unknown name, listing the known ones.
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    if is_dataclass(config):
-        config = asdict(config)
-    return SCHEDULERS[name].from_config({**(config or {}), **overrides})
+    return SCHEDULERS[name].from_config({} if config is None else config, **overrides)
+
+
+def scheduler_name(scheduler: Scheduler) -> str:
+    """The short name of a scheduler's class (the key of SCHEDULERS), e.g. "ddim".
+    Raises ValueError for a class that is not one of them."""
+    for name, cls in SCHEDULERS.items():
+        if type(scheduler) is cls:
+            return name
+    raise ValueError(f"{type(scheduler).__name__} has no short name; the named schedulers are "
+                     f"{', '.join(SCHEDULERS)}")

@@ -19,22 +19,21 @@ Parameter names are transformers' `CLIPTextModel` (`embeddings.token_embedding`,
 `encoder.layers.{i}.self_attn.q_proj`, `…mlp.fc1`, `final_layer_norm`, …), so checkpoints
 load with no renaming. Layouts: transformers 5 saves these keys as they are; SD v1.x
 ``text_encoder/`` folders (transformers 4) put them under ``text_model.`` and may carry a
-``text_model.embeddings.position_ids`` buffer. `load_state_dict` takes both;
+``text_model.embeddings.position_ids`` buffer. `load_weights` and `load_state_dict` take both;
 `save_pretrained` writes the ``text_model.`` layout of SD v1.x, which both load.
 The tokenizer that makes the ids lives in minisd/tokenizer.py.
 """
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import NamedTuple
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import multi_head_attention
+from minisd.pretrained import ModelConfig, PretrainedModel, check_positive
 from minisd.state_dict import load_strict
 from minisd.tokenizer import CLIPTokenizer
 
@@ -44,14 +43,20 @@ PREFIX = "text_model."
 
 
 @dataclass
-class CLIPTextConfig:
+class CLIPTextConfig(ModelConfig):
     """The text tower's configuration; field names and defaults are transformers'
     `CLIPTextConfig` (its defaults are the ViT-B/32 text tower; `sd_v1()` gives ViT-L/14's).
 
     `hidden_act` is "quick_gelu" or "gelu"; `eos_token_id` marks where `pooler_output` is
     read. `projection_dim` (the width of CLIP's text projection), `pad_token_id` and
     `bos_token_id` are not used by this model; they describe the checkpoint and are kept.
+
+    Raises TypeError naming a field of the wrong type; ValueError naming the field for sizes
+    that are not > 0, a width the heads do not divide, an unknown `hidden_act` or an
+    `eos_token_id` outside the vocabulary.
     """
+
+    class_name = "CLIPTextModel"
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -62,24 +67,29 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    bos_token_id: int = 49406
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
     eos_token_id: int = 49407
+
+    def check(self):
+        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "projection_dim",
+                       "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                       "layer_norm_eps")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; "
+                             f"use one of {sorted(ACTIVATIONS)}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id {self.eos_token_id} is not an id of the "
+                             f"{self.vocab_size}-token vocabulary (vocab_size)")
 
     @classmethod
     def sd_v1(cls) -> "CLIPTextConfig":
         """SD v1.x's text encoder, CLIP ViT-L/14's text tower (its text_encoder/config.json)."""
         return cls(hidden_size=768, intermediate_size=3072, projection_dim=768,
                    num_attention_heads=12)
-
-    @classmethod
-    def from_config(cls, config: dict) -> "CLIPTextConfig":
-        """From a config.json dict; keys that are not fields are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
-    def to_config(self) -> dict:
-        return asdict(self)
 
 
 class CLIPTextOutput(NamedTuple):
@@ -124,9 +134,6 @@ class CLIPMLP(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; "
-                             f"use one of {sorted(ACTIVATIONS)}")
         self.activation_fn = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -165,21 +172,44 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding(positions)
 
 
-def text_encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def text_encoder_state(state_dict: dict[str, torch.Tensor],
+                       source: str = "a state dict") -> dict[str, torch.Tensor]:
     """Text-encoder keys with or without ``text_model.`` → minisd's (without), dropping the
-    ``embeddings.position_ids`` buffer: positions are always 0…L−1."""
+    ``embeddings.position_ids`` buffer: positions are always 0…L−1.
+
+    Merged SD v1 files often store that buffer broken (as floats such as arange(77) − 1e-4,
+    which cast to integers shift every token by one, or as other integers); it is ignored
+    all the same, with a warning naming `source` when it is not 0…L−1.
+    """
     state = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
-    state.pop("embeddings.position_ids", None)
+    ids = state.pop("embeddings.position_ids", None)
+    if ids is not None and not torch.equal(ids.reshape(-1).double(),
+                                           torch.arange(ids.numel(), dtype=torch.float64)):
+        warnings.warn(f"{source}: the stored position_ids are not 0…{ids.numel() - 1} "
+                      f"({ids.dtype}, starting {ids.reshape(-1)[:3].tolist()}), a known defect "
+                      "of merged checkpoints; ignored: the positions are always 0…L−1",
+                      stacklevel=3)
     return state
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(PretrainedModel, nn.Module):
     """CLIP's text transformer (module docstring); matches transformers' `CLIPTextModel`.
 
     Weights start as in OpenAI's CLIP (`initialize_parameters`): embeddings N(0, 0.02²) for
     tokens and N(0, 0.01²) for positions, attention and MLP projections N(0, σ²) with
     σ = D^−½ (q, k, v), D^−½·(2N)^−½ (out_proj, fc2), (2D)^−½ (fc1), biases 0.
+
+    Files: `from_pretrained(path, subfolder=None, torch_dtype=None)` reads a ``text_encoder/``
+    folder (config.json + model.safetensors, either key layout), `save_pretrained` writes one
+    in the ``text_model.`` layout of SD v1.x (`minisd.pretrained`).
     """
+
+    config_class = CLIPTextConfig
+    part = "text_encoder"
+    weights_names = ("model.safetensors", "pytorch_model.bin")
+    weights_prefix = PREFIX
+    file_config: ClassVar[dict] = {"architectures": ["CLIPTextModel"],
+                                   "model_type": "clip_text_model"}
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
@@ -207,9 +237,11 @@ class CLIPTextModel(nn.Module):
                 nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
 
-    def _check_ids(self, input_ids):
-        """The checks of `forward` on input_ids: a non-empty integer tensor (B, L) of
-        vocabulary ids, at most max_position_embeddings long."""
+    def _check_inputs(self, input_ids, clip_skip):
+        """The checks of `forward`: input_ids a non-empty integer tensor (B, L), at most
+        max_position_embeddings long; clip_skip an int in 1…N. The ids' values (in the
+        vocabulary, an end-of-text id in every row) are checked where that needs no device
+        sync: on the CPU, where CLIPTokenizer makes them."""
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids (B, L), got "
@@ -230,10 +262,22 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"{L} tokens, but the model has only {cfg.max_position_embeddings}"
                              " positions; tokenise with max_length="
                              f"{cfg.max_position_embeddings}")
-        low, high = input_ids.min().item(), input_ids.max().item()
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got {low}…{high}: "
-                             "use the tokenizer that belongs to this text encoder")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+            raise TypeError(f"clip_skip must be an int from 1 (last layer) to "
+                            f"{cfg.num_hidden_layers}, got {clip_skip!r} "
+                            f"({type(clip_skip).__name__})")
+        if not 1 <= clip_skip <= cfg.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip}; use 1 (last layer) to "
+                             f"{cfg.num_hidden_layers}")
+        if input_ids.device.type != "cpu":
+            return
+        if ((input_ids < 0) | (input_ids >= cfg.vocab_size)).any():
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got "
+                             f"{int(input_ids.min())}…{int(input_ids.max())}: use the "
+                             "tokenizer that belongs to this text encoder")
+        if not (input_ids == self.eos_token_id).any(dim=1).all():
+            raise ValueError(f"a row of input_ids has no end-of-text id {self.eos_token_id}; "
+                             "make the ids with CLIPTokenizer")
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> CLIPTextOutput:
         """Encode token ids.
@@ -253,20 +297,10 @@ class CLIPTextModel(nn.Module):
             TypeError if input_ids is not an integer tensor (e.g. float ids) or clip_skip is
             not an int; ValueError if input_ids is not (B, L), is empty, L is too long, an id
             is outside the vocabulary, a row has no end-of-text id, or clip_skip is not in 1…N.
+            The last two value checks run on CPU ids (no device sync per call); ids already
+            on an accelerator are taken as a tokenizer made them.
         """
-        self._check_ids(input_ids)
-        cfg = self.config
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
-            raise TypeError(f"clip_skip must be an int from 1 (last layer) to "
-                            f"{cfg.num_hidden_layers}, got {clip_skip!r} "
-                            f"({type(clip_skip).__name__})")
-        if not 1 <= clip_skip <= cfg.num_hidden_layers:
-            raise ValueError(f"clip_skip={clip_skip}; use 1 (last layer) to "
-                             f"{cfg.num_hidden_layers}")
-        is_eos = input_ids == self.eos_token_id
-        if not is_eos.any(dim=1).all():
-            raise ValueError(f"a row of input_ids has no end-of-text id {self.eos_token_id}; "
-                             "make the ids with CLIPTokenizer")
+        self._check_inputs(input_ids, clip_skip)
         B = input_ids.shape[0]
         x = self.embeddings(input_ids.long())                           # (B, L, D)
         hidden_states = [x]
@@ -274,7 +308,7 @@ class CLIPTextModel(nn.Module):
             x = layer(x)                                                # (B, L, D)
             hidden_states.append(x)
         last = self.final_layer_norm(x)
-        first_eos = is_eos.int().argmax(dim=1)        # argmax returns the first maximum
+        first_eos = (input_ids == self.eos_token_id).int().argmax(dim=1)   # the first maximum
         pooled = last[torch.arange(B, device=last.device), first_eos]  # (B, D)
         if clip_skip > 1:
             last = self.final_layer_norm(hidden_states[-clip_skip])
@@ -282,47 +316,27 @@ class CLIPTextModel(nn.Module):
 
     # ---- weights ----
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "a state dict",
+                     file_name=None, assign: bool = False) -> "CLIPTextModel":
         """Load weights with transformers' names, with or without the ``text_model.`` prefix;
-        a ``(text_model.)embeddings.position_ids`` buffer is dropped.
+        a ``(text_model.)embeddings.position_ids`` buffer is dropped (`text_encoder_state`).
+        Returns self. Raises ValueError listing unexpected keys, missing keys and shape
+        mismatches, by the names the state dict uses (`minisd.state_dict.load_strict`)."""
+        self._load_strict(state_dict, source, file_name, assign)
+        return self
 
-        Raises (when `strict`): ValueError listing unexpected keys, missing keys and shape
-        mismatches, by the names the state dict uses (`minisd.state_dict.load_strict`).
-        """
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` that also takes the ``text_model.`` layout and drops
+        the position_ids buffer; when `strict`, errors as in `load_weights`."""
         if not strict:
             return super().load_state_dict(text_encoder_state(state_dict), strict=False,
                                            assign=assign)
+        return self._load_strict(state_dict, "a CLIP text encoder state dict", None, assign)
+
+    def _load_strict(self, state_dict, source, file_name, assign):
         original = {k.removeprefix(PREFIX): k for k in state_dict}   # our name → file's name
-        return load_strict(self, text_encoder_state(state_dict), "a CLIP text encoder state dict",
-                    file_name=lambda k: original.get(k, k),
-                    hint=f"Keys are transformers' CLIPTextModel names, optionally under "
-                         f"'{PREFIX}'; a truncated file or another model's weights do not fit.",
+        hint = (f"Keys are transformers' CLIPTextModel names, optionally under '{PREFIX}'; a "
+                "truncated file or another model's weights do not fit.")
+        return load_strict(self, text_encoder_state(state_dict, source), source,
+                           file_name or (lambda k: original.get(k, k)), hint=hint,
                            assign=assign)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "CLIPTextModel":
-        """Load a ``text_encoder/`` folder: ``config.json`` + ``model.safetensors``
-        (either key layout). Raises FileNotFoundError naming a missing file."""
-        folder = Path(folder)
-        for name in ("config.json", "model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}; a text_encoder folder holds "
-                                        "config.json and model.safetensors")
-        config = CLIPTextConfig.from_config(json.loads((folder / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(load_file(folder / "model.safetensors"), assign=True)
-        return model.to(device=device, dtype=dtype).eval()
-
-    def save_pretrained(self, folder: str | Path):
-        """Write ``config.json`` and ``model.safetensors`` with keys under ``text_model.``
-        (the layout of SD v1.x's text_encoder folders)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                  **self.config.to_config()}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {PREFIX + k: v.detach().contiguous().cpu()
-                   for k, v in self.state_dict().items()}
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -30,6 +30,7 @@ shapes model's tokenizer is about 150 merges learned this way from the world's c
 """
 
 import gzip
+import heapq
 import html
 import itertools
 import json
@@ -44,8 +45,10 @@ import regex
 import torch
 
 from minisd.package_data import openai_vocab
+from minisd.pretrained import find_folder, naming, read_json, require_file
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+WARN_TOKENS = 50     # a truncation warning shows at most this many of the dropped tokens
 
 # CLIP's pre-tokenisation pattern (OpenAI clip/simple_tokenizer.py), applied to lower-cased
 # text; \p{L} is any Unicode letter, \p{N} any Unicode digit (hence the `regex` package).
@@ -150,9 +153,26 @@ def learn_bpe(texts: Iterable[str], num_merges: int | None = None,
     return merges
 
 
-def _token_string(token) -> str:
-    """A special token as saved by transformers: a plain string or {"content": …}."""
-    return token["content"] if isinstance(token, dict) else token
+def _tokenizer_settings(settings: dict, source: Path) -> dict:
+    """The constructor's keywords from tokenizer_config.json or special_tokens_map.json
+    (`source`): the special tokens (a plain string or transformers' {"content": …}) and
+    model_max_length. Raises ValueError naming the file and the key of a wrong kind."""
+    kwargs = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        token = settings.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{source}: {key} must be a token string, got {token!r}")
+        if token:
+            kwargs[key] = token
+    length = settings.get("model_max_length")
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, (int, float)) \
+                or length != int(length) or length < 2:
+            raise ValueError(f"{source}: model_max_length must be an integer >= 2, got "
+                             f"{length!r}")
+        kwargs["model_max_length"] = int(length)
+    return kwargs
 
 
 class CLIPTokenizer:
@@ -227,31 +247,43 @@ class CLIPTokenizer:
         return cls(vocab, [" ".join(m) for m in merges], **kwargs)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
-        """Load a diffusers/transformers ``tokenizer/`` folder.
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None) -> "CLIPTokenizer":
+        """Load a diffusers/transformers ``tokenizer/`` folder (`path`, `path/subfolder`, or
+        the ``tokenizer/`` of a model folder: the contract of `minisd.pretrained`).
 
-        Reads ``vocab.json``, ``merges.txt`` (a ``#version`` header line is skipped) and the
-        special tokens and ``model_max_length`` from ``tokenizer_config.json`` and
+        Reads ``vocab.json`` and ``merges.txt`` (a ``#version`` header line is skipped) or,
+        without them, ``tokenizer.json`` (what transformers 5 saves: its BPE model holds the
+        same vocabulary and merges, as "a b" strings or [a, b] pairs); the special tokens
+        and ``model_max_length`` from ``tokenizer_config.json`` and
         ``special_tokens_map.json`` (the latter wins where both name a token).
-        Raises FileNotFoundError naming the missing file.
+        Raises FileNotFoundError naming the missing folder or file; ValueError naming the
+        file (and the key) for a file that is not JSON, lacks the vocabulary or merges, has
+        special tokens or a `model_max_length` of the wrong kind, or a vocabulary that does
+        not fit its merges.
         """
-        folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}: not a CLIP tokenizer folder "
-                                        "(expected vocab.json and merges.txt)")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [m for m in lines if m and not m.startswith("#version")]
+        folder = find_folder(path, subfolder, "tokenizer", ("vocab.json", "tokenizer.json"))
+        what = "a CLIP tokenizer folder holds vocab.json and merges.txt, or tokenizer.json"
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            vocab = read_json(folder / "vocab.json", what)
+            merges_path = require_file(folder, ("merges.txt",), what)
+            lines = merges_path.read_text(encoding="utf-8").split("\n")
+            merges = [m for m in lines if m and not m.startswith("#version")]
+            source = folder / "vocab.json"
+        else:
+            source = folder / "tokenizer.json"
+            model = read_json(source).get("model")
+            if not isinstance(model, dict) or not {"vocab", "merges"} <= model.keys():
+                raise ValueError(f"{source}: model must hold the BPE 'vocab' and 'merges'")
+            vocab = model["vocab"]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise ValueError(f"{source}: the vocabulary must map tokens to integer ids")
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (folder / name).is_file():
-                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
-        kwargs = {key: _token_string(settings[key]) for key in ("bos_token", "eos_token",
-                                                                "pad_token") if settings.get(key)}
-        if "model_max_length" in settings:
-            kwargs["model_max_length"] = int(settings["model_max_length"])
-        return cls(vocab, merges, **kwargs)
+                settings.update(_tokenizer_settings(read_json(folder / name), folder / name))
+        with naming(folder):
+            return cls(vocab, merges, **settings)
 
     def save_pretrained(self, folder: str | Path):
         """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and
@@ -273,19 +305,41 @@ class CLIPTokenizer:
 
     def bpe(self, token: str) -> list[str]:
         """Byte-pair encode one byte-mapped pre-token: its symbols (the last with ``</w>``),
-        merged pair by pair, lowest rank first, until no adjacent pair is in the merge list.
-        "hello" → ["hello</w>"]; results are cached."""
+        merged pair by pair, lowest rank first (equal pairs left to right), until no adjacent
+        pair is in the merge list. "hello" → ["hello</w>"]; results are cached.
+
+        The merge list is learned in order, so a merge never creates a pair of lower rank than
+        its own, and taking the pairs from a heap of (rank, position) merges exactly as
+        OpenAI's loop does (all occurrences of the best pair, then the next best), but in
+        O(n log n) for n symbols instead of O(n²): a 10⁶-letter word takes seconds.
+        """
         if token in self.cache:
             return self.cache[token]
-        word = [*token[:-1], token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = set(itertools.pairwise(word))
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
-            if best not in self.ranks:
-                break
-            word = merge_pair(word, best)
-        self.cache[token] = word
-        return word
+        word = [*token[:-1], token[-1] + "</w>"]     # word[i]: the symbol starting at i, or None
+        n = len(word)
+        after = list(range(1, n + 1))                # after[i]: the next live position
+        before = list(range(-1, n - 1))
+        # a heap of rank·n + i: the pair starting at i, lowest rank first, then leftmost
+        heap = [self.ranks[pair] * n + i for i, pair in enumerate(itertools.pairwise(word))
+                if pair in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = divmod(heapq.heappop(heap), n)
+            j = after[i]
+            if word[i] is None or j >= n or self.merges[rank] != (word[i], word[j]):
+                continue                               # stale: a neighbour merged since
+            word[i], word[j] = word[i] + word[j], None
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+            for left in (before[i], i):                # the two new pairs
+                if left >= 0 and after[left] < n:
+                    rank = self.ranks.get((word[left], word[after[left]]))
+                    if rank is not None:
+                        heapq.heappush(heap, rank * n + left)
+        pieces = [symbol for symbol in word if symbol is not None]
+        self.cache[token] = pieces
+        return pieces
 
     def tokenize(self, text: str) -> list[str]:
         """Clean, pre-tokenise, byte-map and BPE `text`: its pieces, without BOS/EOS.
@@ -305,7 +359,7 @@ class CLIPTokenizer:
         Returns:
             int64 tensor (B, L): BOS, the prompt's ids, EOS, then the pad id up to L.
             A prompt longer than L − 2 tokens keeps its first L − 2, EOS stays last, and a
-            warning names the dropped text.
+            warning names the dropped text (its first `WARN_TOKENS` tokens).
         Raises:
             TypeError if prompts is not a str or a list of str (e.g. None, an int, bytes) or
             max_length is not an int; ValueError if max_length < 2.
@@ -329,9 +383,11 @@ class CLIPTokenizer:
                                 "prompts must be a str or a list of str")
             tokens = self.encode(prompt)
             if len(tokens) > length - 2:
+                dropped = self.decode(tokens[length - 2:length - 2 + WARN_TOKENS])
+                more = len(tokens) - (length - 2) - WARN_TOKENS
                 warnings.warn(f"prompt {row} has {len(tokens)} tokens, more than the "
-                              f"{length - 2} that fit in {length}; dropped: "
-                              f"{self.decode(tokens[length - 2:])!r}", stacklevel=2)
+                              f"{length - 2} that fit in {length}; dropped: {dropped!r}"
+                              + (f" and {more} more tokens" if more > 0 else ""), stacklevel=2)
                 tokens = tokens[:length - 2]
             tokens = [self.bos_token_id, *tokens, self.eos_token_id]
             ids[row, :len(tokens)] = torch.tensor(tokens)

@@ -31,21 +31,16 @@ Class, argument, config and parameter names are those of diffusers'
 diffusers' to float32 rounding (tests/test_unet.py).
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import Attention
-from minisd.state_dict import load_strict
+from minisd.pretrained import ModelConfig, PretrainedModel, check_positive, naming
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -64,7 +59,7 @@ _FIXED_CONFIG = {
 
 
 @dataclass
-class UNet2DConditionConfig:
+class UNet2DConditionConfig(ModelConfig):
     """The U-Net's hyper-parameters, named as in diffusers' `unet/config.json`.
 
     The defaults are Stable Diffusion v1 (859,520,964 parameters); they equal diffusers'
@@ -87,10 +82,14 @@ class UNet2DConditionConfig:
     `num_attention_heads` must stay None: diffusers refuses it (its issue #2011), so a config
     that sets it would not load there.
 
-    Raises ValueError (naming the field) for inconsistent lengths, unknown block types,
-    channels not divisible by `norm_num_groups`, or a non-None `num_attention_heads`;
-    TypeError for a per-level `cross_attention_dim` (minisd takes one int).
+    Raises TypeError naming a field of the wrong type (e.g. a per-level `cross_attention_dim`:
+    minisd has one text context width); ValueError (naming the field) for channels, sizes,
+    layers or heads that are not > 0, more heads than channels, inconsistent lengths,
+    unknown block types, channels not divisible by `norm_num_groups`, or a non-None
+    `num_attention_heads`.
     """
+
+    class_name = "UNet2DConditionModel"
 
     sample_size: int = 64
     in_channels: int = 4
@@ -114,9 +113,11 @@ class UNet2DConditionConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
 
-    def __post_init__(self):
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, name, tuple(getattr(self, name)))
+    def check(self):
+        check_positive(self, "sample_size", "in_channels", "out_channels", "block_out_channels",
+                       "layers_per_block", "mid_block_scale_factor", "norm_num_groups",
+                       "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+                       "attention_head_dim")
         levels = len(self.block_out_channels)
         if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
             raise ValueError(f"down_block_types ({len(self.down_block_types)}), up_block_types "
@@ -131,17 +132,17 @@ class UNet2DConditionConfig:
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim",
                      "only_cross_attention"):
             value = getattr(self, name)
-            if not isinstance(value, (int, bool)) and len(value) != levels:
+            if isinstance(value, tuple) and len(value) != levels:
                 raise ValueError(f"{name} has {len(value)} entries for {levels} levels; "
                                  "give one value or one per level")
-            setattr(self, name, value if isinstance(value, (int, bool)) else tuple(value))
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(f"block_out_channels entry {channels} is not divisible by "
                                  f"norm_num_groups={self.norm_num_groups}")
-        if not isinstance(self.cross_attention_dim, int):
-            raise TypeError("cross_attention_dim must be one int (minisd has one text context "
-                            f"width), got {self.cross_attention_dim!r}")
+        for channels, heads in zip(self.block_out_channels, self.per_level("attention_head_dim")):
+            if heads > channels:
+                raise ValueError(f"attention_head_dim {heads} (the number of heads) exceeds the "
+                                 f"{channels} channels of its level")
         if self.num_attention_heads is not None:
             raise ValueError("num_attention_heads must be None: diffusers' U-Net reads the "
                              "number of heads from attention_head_dim; set that instead")
@@ -153,22 +154,23 @@ class UNet2DConditionConfig:
             else value
 
     @classmethod
-    def from_config(cls, config: dict) -> "UNet2DConditionConfig":
+    def from_config(cls, config: dict, source=None) -> "UNet2DConditionConfig":
         """Build from a diffusers `config.json` dict; keys minisd does not use are ignored.
 
         Raises ValueError if the config asks for a U-Net variant minisd does not build
-        (e.g. class embeddings, SDXL's added embeddings), naming the key.
+        (e.g. class embeddings, SDXL's added embeddings), naming the key (and `source`, the
+        file); otherwise as `ModelConfig.from_config`.
         """
-        for key, value in config.items():
-            if key in _FIXED_CONFIG and value != _FIXED_CONFIG[key]:
-                raise ValueError(f"config {key}={value!r} is not supported by minisd's U-Net "
-                                 f"(only {_FIXED_CONFIG[key]!r}, as in SD v1 and v2)")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        with naming(source):
+            for key, value in config.items():
+                if key in _FIXED_CONFIG and value != _FIXED_CONFIG[key]:
+                    raise ValueError(f"config {key}={value!r} is not supported by minisd's "
+                                     f"U-Net (only {_FIXED_CONFIG[key]!r}, as in SD v1 and v2)")
+        return super().from_config(config, source)
 
     def to_config(self) -> dict:
         """The config as a diffusers `config.json` dict (with `_class_name`)."""
-        return {"_class_name": "UNet2DConditionModel", **asdict(self)}
+        return {"_class_name": self.class_name, **super().to_config()}
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -449,7 +451,7 @@ class UpBlock2D(nn.Module):
         return x
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(PretrainedModel, nn.Module):
     """The conditional U-Net ε_θ(z_t, t, c) of Stable Diffusion, diffusers' names and layout.
 
     Stages (SD v1, latent (B, 4, H, W), C0 = 320):
@@ -463,9 +465,14 @@ class UNet2DConditionModel(nn.Module):
         conv_norm_out → SiLU → conv_out  (B, 4, H, W)
     (H/2 etc. round up for odd sizes.)
 
-    Build from a `UNet2DConditionConfig`, or load a diffusers `unet/` folder with
-    `from_pretrained`.
+    Build from a `UNet2DConditionConfig` (or a config dict, `from_config`), or load a
+    diffusers `unet/` folder with `from_pretrained(path, subfolder=None, torch_dtype=None)`
+    (`minisd.pretrained`); `save_pretrained` writes one.
     """
+
+    config_class = UNet2DConditionConfig
+    part = "unet"
+    ldm_prefixes = ("model.diffusion_model.", "input_blocks.", "middle_block.", "output_blocks.")
 
     def __init__(self, config: UNet2DConditionConfig | None = None):
         super().__init__()
@@ -529,6 +536,27 @@ class UNet2DConditionModel(nn.Module):
             mismatched batch sizes or a timestep tensor of the wrong shape.
         """
         config = self.config
+        t = self._check_inputs(sample, timestep, encoder_hidden_states)   # (B,)
+        temb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos,
+                                  config.freq_shift).to(sample.dtype)
+        temb = self.time_embedding(temb)                      # (B, 4·C0)
+
+        x = self.conv_in(sample)                              # (B, C0, H, W)
+        skips = [x]
+        for block in self.down_blocks:                        # (B, C_i, H/2^i, W/2^i)
+            x, block_skips = block(x, temb, encoder_hidden_states)
+            skips += block_skips
+        x = self.mid_block(x, temb, encoder_hidden_states)    # (B, C_last, lowest H, W)
+        for block in self.up_blocks:                          # back up, level by level
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[-2:] if skips else None    # the next level's exact size
+            x = block(x, block_skips, temb, encoder_hidden_states, size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))   # (B, out_channels, H, W)
+
+    def _check_inputs(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        """The checks of `forward` (shapes only, no device sync); returns t as a (B,) tensor."""
+        config = self.config
         if sample.ndim != 4 or sample.shape[1] != config.in_channels:
             raise ValueError(f"sample must have shape (B, {config.in_channels}, H, W), got "
                              f"{tuple(sample.shape)}; pass VAE latents, not pixels")
@@ -548,54 +576,4 @@ class UNet2DConditionModel(nn.Module):
         if t.shape != (B,):
             raise ValueError(f"timestep must be a number or have shape ({B},), "
                              f"got shape {tuple(t.shape)}")
-
-        temb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos,
-                                  config.freq_shift).to(sample.dtype)
-        temb = self.time_embedding(temb)                      # (B, 4·C0)
-
-        x = self.conv_in(sample)                              # (B, C0, H, W)
-        skips = [x]
-        for block in self.down_blocks:                        # (B, C_i, H/2^i, W/2^i)
-            x, block_skips = block(x, temb, encoder_hidden_states)
-            skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states)    # (B, C_last, lowest H, W)
-        for block in self.up_blocks:                          # back up, level by level
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[-2:] if skips else None    # the next level's exact size
-            x = block(x, block_skips, temb, encoder_hidden_states, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))   # (B, out_channels, H, W)
-
-    @classmethod
-    def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "UNet2DConditionModel":
-        """Load a diffusers-format `unet/` folder: `config.json` and
-        `diffusion_pytorch_model.safetensors`, strictly (every key present, none extra,
-        shapes equal). Pass a model folder's `unet/` subfolder or the model folder itself.
-
-        Raises FileNotFoundError for missing files, ValueError listing missing, unexpected
-        or mis-shaped keys (e.g. a checkpoint of another model or config).
-        """
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() and (path / "unet" / CONFIG_NAME).is_file():
-            path = path / "unet"
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found; a diffusers unet/ folder "
-                                        f"holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = UNet2DConditionConfig.from_config(json.loads((path / CONFIG_NAME).read_text()))
-        with torch.device("meta"):
-            model = cls(config)
-        state = load_file(path / WEIGHTS_NAME, device=str(device))
-        load_strict(model, state, str(path / WEIGHTS_NAME),
-                    hint="Is it a diffusers unet/ checkpoint of this config?")
-        return model.to(dtype=torch_dtype) if torch_dtype is not None else model
-
-    def save_pretrained(self, path) -> None:
-        """Write `config.json` and `diffusion_pytorch_model.safetensors` to the folder
-        `path` (created if needed), in diffusers' format."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(self.config.to_config(), indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  path / WEIGHTS_NAME)
+        return t

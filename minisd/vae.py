@@ -25,26 +25,22 @@ config, never hard-coded: `encode_latents` applies it, `decode_latents` removes
 it exactly once.
 """
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
-import safetensors
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minisd.attention import Attention
-from minisd.state_dict import load_strict
+from minisd.pretrained import ModelConfig, PretrainedModel, check_positive
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ModelConfig):
     """The VAE's configuration; fields and defaults are those of diffusers' `AutoencoderKL`
     `config.json`. `from_config` ignores keys it does not know; `to_config` writes them back.
 
@@ -54,9 +50,13 @@ class AutoencoderKLConfig:
     later models) is subtracted before scaling. `force_upcast` tells a pipeline to decode in
     float32 (the SD v1 VAE overflows in float16).
 
-    Raises ValueError for inconsistent lengths, unknown block types or activations, and
-    channel counts that the GroupNorm groups do not divide.
+    Raises TypeError naming a field of the wrong type (e.g. a string `scaling_factor`);
+    ValueError for channels, sizes or `scaling_factor` that are not > 0, inconsistent
+    lengths, unknown block types or activations, and channel counts that the GroupNorm
+    groups do not divide.
     """
+
+    class_name = "AutoencoderKL"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -75,19 +75,23 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    def __post_init__(self):
-        self.down_block_types = tuple(self.down_block_types)
-        self.up_block_types = tuple(self.up_block_types)
-        self.block_out_channels = tuple(self.block_out_channels)
+    def check(self):
+        check_positive(self, "in_channels", "out_channels", "block_out_channels",
+                       "layers_per_block", "latent_channels", "norm_num_groups", "sample_size",
+                       "scaling_factor")
+        if self.shift_factor is not None and not math.isfinite(self.shift_factor):
+            raise ValueError(f"shift_factor must be a finite number or None, got "
+                             f"{self.shift_factor!r}")
         levels = len(self.block_out_channels)
         if not (len(self.down_block_types) == len(self.up_block_types) == levels >= 1):
             raise ValueError("down_block_types, up_block_types and block_out_channels need one "
                              f"entry per level, got {len(self.down_block_types)}, "
                              f"{len(self.up_block_types)} and {levels}")
-        for kind, allowed in ((self.down_block_types, "DownEncoderBlock2D"),
-                              (self.up_block_types, "UpDecoderBlock2D")):
-            if set(kind) != {allowed}:
-                raise ValueError(f"unsupported block types {kind}; only {allowed!r} is built")
+        for name, allowed in (("down_block_types", "DownEncoderBlock2D"),
+                              ("up_block_types", "UpDecoderBlock2D")):
+            if set(getattr(self, name)) != {allowed}:
+                raise ValueError(f"unsupported {name} {getattr(self, name)}; only {allowed!r} "
+                                 "is built")
         if self.act_fn != "silu":
             raise ValueError(f"unsupported act_fn {self.act_fn!r}; only 'silu' is built")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
@@ -104,18 +108,9 @@ class AutoencoderKLConfig:
                    block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                    sample_size=512)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "AutoencoderKLConfig":
-        """From a diffusers `config.json` dict; unknown keys (`_class_name`, …) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
     def to_config(self) -> dict:
         """A diffusers-style config dict (with `_class_name`), JSON-serialisable."""
-        config = {"_class_name": "AutoencoderKL"}
-        for key, value in asdict(self).items():
-            config[key] = list(value) if isinstance(value, tuple) else value
-        return config
+        return {"_class_name": self.class_name, **super().to_config()}
 
 
 def _group_norm(config: AutoencoderKLConfig, channels: int) -> nn.GroupNorm:
@@ -336,7 +331,7 @@ class DiagonalGaussianDistribution:
         return 0.5 * (self.mean ** 2 + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedModel, nn.Module):
     """The KL-regularised autoencoder of latent diffusion, with diffusers' names.
 
     `encode(x)` → posterior q(z | x); `decode(z)` → pixels. These match diffusers'
@@ -345,7 +340,15 @@ class AutoencoderKL(nn.Module):
 
     Args:
         config: an `AutoencoderKLConfig` (e.g. `AutoencoderKLConfig.sd_v1()`).
+    Files: `from_pretrained(path, subfolder=None, torch_dtype=None)` reads a diffusers `vae/`
+    folder (config.json + diffusion_pytorch_model.safetensors), `save_pretrained` writes one,
+    `from_config` builds from a config dict (`minisd.pretrained`).
     """
+
+    config_class = AutoencoderKLConfig
+    part = "vae"
+    weights_names = (WEIGHTS_NAME, "diffusion_pytorch_model.bin")
+    ldm_prefixes = ("first_stage_model.", "encoder.down.", "decoder.up.")
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
@@ -356,11 +359,6 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = (nn.Conv2d(latent2, latent2, 1) if config.use_quant_conv else None)
         self.post_quant_conv = (nn.Conv2d(config.latent_channels, config.latent_channels, 1)
                                 if config.use_post_quant_conv else None)
-
-    @classmethod
-    def from_config(cls, config: dict) -> "AutoencoderKL":
-        """A randomly initialised VAE from a diffusers config dict (unknown keys ignored)."""
-        return cls(AutoencoderKLConfig.from_config(config))
 
     @property
     def downsampling_factor(self) -> int:
@@ -442,67 +440,6 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"height and width must be multiples of {f} (the downsampling "
                              f"factor), got {H}×{W}; height {options(H)}, width {options(W)} "
                              "would work")
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict",
-                     assign: bool = False) -> "AutoencoderKL":
-        """Load a diffusers-layout state dict strictly; returns self.
-
-        Raises ValueError listing the missing and unexpected keys and mismatched shapes
-        (with a hint when the keys look like an original CompVis checkpoint, which needs the
-        single-file key mapping first). `assign=True` adopts the tensors (for meta models).
-        """
-        hint = ""
-        if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up."))
-               for k in state_dict):
-            hint = ("These keys are in the original CompVis (ldm) layout; convert them to "
-                    "diffusers names first (minisd.checkpoints.load_single_file does).")
-        load_strict(self, state_dict, source, hint=hint, assign=assign)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, subfolder: str | None = None,
-                        torch_dtype: torch.dtype = torch.float32) -> "AutoencoderKL":
-        """Load a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors).
-
-        Args:
-            folder: the `vae/` folder, or a model folder with `subfolder="vae"`.
-            torch_dtype: dtype of the returned model (float32 by default, whatever the file).
-        Raises:
-            FileNotFoundError if a file is missing; ValueError for a config of another model,
-            an unreadable weights file, or weights that do not match (see `load_weights`).
-        """
-        folder = Path(folder) / (subfolder or "")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file():
-            hint = (" (it has a vae/ folder: pass subfolder='vae')"
-                    if (folder / "vae" / CONFIG_NAME).is_file() else "")
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; expected a diffusers vae/ "
-                                    f"folder with {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-        config = json.loads(config_path.read_text())
-        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{config_path} describes a {config['_class_name']}, "
-                             "not an AutoencoderKL")
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (only safetensors weights "
-                                    "are read)")
-        try:
-            state_dict = load_file(weights_path)
-        except safetensors.SafetensorError as error:
-            raise ValueError(f"{weights_path} is not a readable safetensors file (truncated or "
-                             f"damaged?): {error}") from error
-        with torch.device("meta"):
-            model = cls(AutoencoderKLConfig.from_config(config))
-        model.load_weights(state_dict, source=str(weights_path), assign=True)
-        return model.to(torch_dtype)
-
-    def save_pretrained(self, folder: str | Path):
-        """Write a diffusers `vae/` folder: config.json and diffusion_pytorch_model.safetensors
-        (in the model's current dtype). diffusers' `AutoencoderKL.from_pretrained` reads it."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_config(), indent=2) + "\n")
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 class VAELoss(NamedTuple):

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 
 from minisd.clip_contrastive import CLIPConfig, CLIPImageConfig
 from minisd.pipeline import StableDiffusionPipeline
@@ -53,6 +55,63 @@ def tiny_pipeline(scheduler: str = "dpmpp_2m", seed: int = 0) -> StableDiffusion
         sample_size=64))
     return StableDiffusionPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(),
                                    from_name(scheduler, SD_SCHEDULE))
+
+
+class StandInUNet(nn.Module):
+    """A stand-in for the U-Net with a given config (sample_size, in_channels): it returns
+    `eps` (repeated over the batch), or 0.1·input without one, and records every call's input
+    and timestep in `calls`."""
+
+    def __init__(self, config, eps: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.anchor = nn.Parameter(torch.zeros(1))   # gives the pipeline a device and dtype
+        self.eps = eps
+        self.calls = []
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        self.calls.append((sample.clone(), timestep))
+        if self.eps is None:
+            return 0.1 * sample
+        return self.eps.repeat(sample.shape[0] // self.eps.shape[0], 1, 1, 1)
+
+
+class StandInVAE(nn.Module):
+    """A stand-in VAE with f = 8: a picture's latents are the mean of each 8×8 block of its
+    first channel, in 4 channels (no posterior noise)."""
+
+    downsampling_factor = 8
+    config = SimpleNamespace(block_out_channels=(8,))
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def encode_latents(self, x, generator=None):
+        return nn.functional.avg_pool2d(x[:, :1], 8).repeat(1, 4, 1, 1)
+
+
+class StandInTextEncoder(nn.Module):
+    """Any ids → a context of zeros (B, 77, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return SimpleNamespace(last_hidden_state=torch.zeros(ids.shape[0], 77, 4))
+
+
+def stand_in_pipeline(scheduler, eps: torch.Tensor | None = None) -> StableDiffusionPipeline:
+    """A pipeline whose parts all stand in (tokenizer, text encoder, U-Net, VAE) around a real
+    scheduler: a run costs little more than the scheduler's steps. 8×8 pictures, 1×1 latents
+    by default."""
+    def tokenizer(texts):
+        return torch.zeros(len(texts), 77, dtype=torch.int64)
+
+    unet = StandInUNet(SimpleNamespace(sample_size=1, in_channels=4), eps)
+    return StableDiffusionPipeline(StandInVAE(), StandInTextEncoder(), tokenizer, unet,
+                                   scheduler)
 
 
 def tiny_config() -> CLIPConfig:

@@ -18,12 +18,12 @@ from minisd.attention_maps import (
 )
 from minisd.package_data import data_dir
 from minisd.pipeline import StableDiffusionPipeline
-from minisd.schedulers import DDIMScheduler
+from minisd.schedulers import SD_V1_SCHEDULER_CONFIG, DDIMScheduler
 from minisd.shapes.evaluate import read
 from minisd.shapes.world import ShapesDataset, evaluation_prompts
 from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
-from minisd.training.unet import SD_V1_DDIM, bundled_unet_config
+from minisd.training.unet import UNetTrainConfig, unet_config
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
 matplotlib.use("Agg")
@@ -46,9 +46,11 @@ def tiny_pipeline() -> StableDiffusionPipeline:
         block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, sample_size=64))
     from minisd.unet import UNet2DConditionModel
-    unet = UNet2DConditionModel(bundled_unet_config(16, (8, 16, 16), (1, 2, 2)))
+    unet = UNet2DConditionModel(unet_config(UNetTrainConfig(
+        block_out_channels=(8, 16, 16), only_cross_attention=(True, False, False)), 16))
+    scheduler = DDIMScheduler.from_config({**SD_V1_SCHEDULER_CONFIG, "timestep_spacing": "leading"})
     return StableDiffusionPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(),
-                                   DDIMScheduler(**SD_V1_DDIM))
+                                   scheduler)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ foreign files; the user's file is never modified."""
 import hashlib
 import json
 import shutil
+import warnings
 
 import diffusers
 import pytest
@@ -270,8 +271,55 @@ def test_position_ids_are_ignored_other_keys_are_not(loaded, single_file, refere
                    **extra}, weights)
         assert_same_models(checkpoints.load_pretrained(folder), loaded)
     save_file({**state, "text_model.embeddings.other": torch.zeros(1)}, weights)
-    with pytest.raises(ValueError, match="unexpected keys: embeddings.other"):
+    with pytest.raises(ValueError, match=r"unexpected keys: text_model\.embeddings\.other"):
         checkpoints.load_pretrained(folder)
+
+
+def test_broken_position_ids_of_merged_files_are_ignored(loaded, single_file, reference,
+                                                         tmp_path):
+    """Merged SD v1 files store the position_ids buffer as floats or wrong integers
+    (AUTOMATIC1111/stable-diffusion-webui PR #6728): the positions stay 0…76, the text
+    embeddings those of the clean file, and a warning says the buffer was broken."""
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    # (buffer, whether its values differ from 0…76: arange·0.99997 rounds back to whole
+    # numbers in float16, so that one is only of the wrong dtype)
+    broken = {"float32": (torch.arange(77, dtype=torch.float32)[None] - 1e-4, True),
+              "float16": ((torch.arange(77) * 0.99997).half()[None], False),
+              "shifted integers": (torch.arange(1, 78)[None], True)}
+    # the trap: cast to integers, the float32 positions read 0, 0, 1, 2, …, 75
+    assert broken["float32"][0].long()[0, :4].tolist() == [0, 0, 1, 2]
+    ids = loaded["tokenizer"](["a red circle"])
+    with torch.no_grad():
+        expected = loaded["text_encoder"](ids).last_hidden_state
+    for name, (position_ids, differs) in broken.items():
+        save_file({**load_file(single_file), key: position_ids}, tmp_path / "merged.safetensors")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            parts = load_unchanged(tmp_path / "merged.safetensors", config=reference["folder"])
+        messages = [str(w.message) for w in record]
+        assert messages == ([(f"{tmp_path / 'merged.safetensors'}: the stored position_ids are "
+                             f"not 0…76 ({position_ids.dtype}, starting "
+                             f"{position_ids[0, :3].tolist()}), a known defect of merged "
+                             "checkpoints; ignored: the positions are always 0…L−1")]
+                            if differs else []), name
+        assert_same_models(parts, loaded)
+        with torch.no_grad():
+            assert torch.equal(parts["text_encoder"](ids).last_hidden_state, expected), name
+
+
+def test_an_inpainting_unet_is_refused_naming_the_key_and_both_shapes(single_file, reference,
+                                                                       tmp_path):
+    """9 input channels (latents, mask, masked-picture latents) never reach a convolution
+    built for 4 (huggingface/diffusers #7003)."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state = load_file(single_file)
+    assert state[key].shape == (8, 4, 3, 3)
+    save_file({**state, key: torch.zeros(8, 9, 3, 3)}, tmp_path / "inpainting.safetensors")
+    with pytest.raises(ValueError, match=rf"inpainting\.safetensors: {key} has shape "
+                                         r"\(8, 9, 3, 3\), but the U-Net config takes 4 input "
+                                         r"channels, shape \(8, 4, 3, 3\)\. This is an "
+                                         r"inpainting model"):
+        load_unchanged(tmp_path / "inpainting.safetensors", config=reference["folder"])
 
 
 def test_ema_weights_are_selectable(loaded, single_file, reference, tmp_path):
@@ -396,7 +444,7 @@ def test_foreign_files_are_clear_errors(reference, tmp_path):
 
 
 def test_bad_folders_are_clear_errors(reference, tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_index.json not found"):
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
         checkpoints.load_pretrained(tmp_path)
     folder = tmp_path / "model"
     shutil.copytree(reference["folder"], folder)
@@ -407,7 +455,7 @@ def test_bad_folders_are_clear_errors(reference, tmp_path):
         checkpoints.load_pretrained(folder)
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no weights in .*unet"):
+    with pytest.raises(FileNotFoundError, match=r"unet has no diffusion_pytorch_model\.safetensors"):
         checkpoints.load_pretrained(folder)
 
 

@@ -570,7 +570,9 @@ def test_bad_step_counts(cls):
     s = cls(**SD)
     with pytest.raises(ValueError, match="at least 1, got 0"):
         s.set_timesteps(0)
-    with pytest.raises(ValueError, match="num_inference_steps=1001 .* use at most 1000"):
+    limit = 999 if cls is S.DPMSolverMultistepScheduler else 1000    # linspace: n + 1 points
+    assert s.max_inference_steps == limit
+    with pytest.raises(ValueError, match=f"num_inference_steps=1001 .* use at most {limit}$"):
         s.set_timesteps(1001)
     with pytest.raises(ValueError, match="whole number"):
         s.set_timesteps(2.5)
@@ -615,14 +617,14 @@ def test_dpm_solver_needs_grid_order_and_one_timestep():
         s.step(x, s.timesteps[2], x)
     with pytest.raises(ValueError, match="one timestep"):
         s.step(x, s.timesteps[1:3], x)
-    with pytest.raises(ValueError, match="at most 999 steps"):
+    with pytest.raises(ValueError, match="gives at most 999 distinct steps"):
         s.set_timesteps(1000)
 
 
 def test_leading_offset_past_the_last_timestep():
-    s = S.DDIMScheduler.from_config(SD_V1)
+    """spaced_timesteps itself refuses a grid that would reach t = T."""
     with pytest.raises(ValueError, match="from 1 to 1000, outside the training range 0 … 999"):
-        s.set_timesteps(1000)
+        S.spaced_timesteps(1000, 1000, "leading", 1)
 
 
 def test_bad_generators_and_config_path(tmp_path):
@@ -630,3 +632,164 @@ def test_bad_generators_and_config_path(tmp_path):
         S.randn_tensor((2, 4), [torch.Generator() for _ in range(3)])
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         S.DDIMScheduler.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- step counts the grid can give
+
+# the most steps of each scheduler on 1000 training timesteps, by spacing and steps_offset: T,
+# less one where a leading grid with offset 1 would reach t = 1000, and DPM-Solver's linspace and
+# leading grids take n + 1 points and drop the last
+LIMITS = {
+    ("leading", 0): 1000, ("leading", 1): 999, ("linspace", 0): 1000, ("linspace", 1): 1000,
+    ("trailing", 0): 1000, ("trailing", 1): 1000,
+}
+DPM_LIMITS = {
+    ("leading", 0): 999, ("leading", 1): 998, ("linspace", 0): 999, ("linspace", 1): 999,
+    ("trailing", 0): 1000, ("trailing", 1): 1000,
+}
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("offset", (0, 1))
+def test_every_step_count_up_to_the_limit_gives_that_many_distinct_timesteps(cls, offset):
+    limits = DPM_LIMITS if cls is S.DPMSolverMultistepScheduler else LIMITS
+    for spacing in SPACINGS:
+        s = cls(**SD, timestep_spacing=spacing, steps_offset=offset)
+        limit = s.max_inference_steps
+        assert limit == limits[spacing, offset]
+        for n in range(1, limit + 1):
+            s.set_timesteps(n)
+            t = s.timesteps.tolist()
+            assert len(t) == len(set(t)) == n and 0 <= min(t) and max(t) <= 999, (spacing, n)
+        with pytest.raises(ValueError, match=f"gives at most {limit} distinct steps; use at "
+                                             f"most {limit}"):
+            s.set_timesteps(limit + 1)
+
+
+def test_a_step_count_the_grid_cannot_give_names_the_limit_and_the_spacing_that_can():
+    with pytest.raises(ValueError) as refused:
+        S.DDIMScheduler.from_config(SD_V1).set_timesteps(1000)
+    assert str(refused.value) == (
+        "num_inference_steps=1000 is more than DDIMScheduler's grid can give: leading spacing "
+        "with steps_offset=1 on 1000 training timesteps gives at most 999 distinct steps; use "
+        "at most 999, or timestep_spacing='linspace' or 'trailing', which give 1000")
+    with pytest.raises(ValueError) as refused:
+        S.DPMSolverMultistepScheduler.from_config(SD_V1).set_timesteps(1000)   # linspace
+    assert str(refused.value).endswith("gives at most 999 distinct steps; use at most 999, or "
+                                       "timestep_spacing='trailing', which gives 1000")
+    assert S.DDIMScheduler.from_config(SD_V1).spacings_allowing(1000) == ["linspace", "trailing"]
+    assert S.max_grid_steps(1000, "leading", 1) == 999
+    assert S.max_grid_steps(1000, "leading", 0) == S.max_grid_steps(1000, "trailing", 1) == 1000
+
+
+# ---------------------------------------------------------------- ancestral noise
+
+
+def _ancestral_run(scheduler, start, generator, n=10):
+    """Euler ancestral with the stand-in model ε̂ = 0.3·x_in + 0.1 from x = start·σ_init."""
+    scheduler.set_timesteps(n)
+    x = start * scheduler.init_noise_sigma
+    xs = []
+    for t in scheduler.timesteps:
+        eps = 0.3 * scheduler.scale_model_input(x, t) + 0.1
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        xs.append(x)
+    return xs
+
+
+def test_ancestral_noise_comes_from_the_callers_generator():
+    """SD v1 schedule, leading spacing with steps_offset 1, 10 steps: seed 0 twice gives the same
+    trajectory bit for bit, seed 1 another, and diffusers' EulerAncestralDiscreteScheduler fed
+    the same generator draws the same noise in the same order (huggingface/diffusers PR #1019)."""
+    config = {**SD_V1, "timestep_spacing": "leading"}
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(42))
+
+    def ours(seed):
+        return _ancestral_run(S.EulerAncestralDiscreteScheduler.from_config(config), start,
+                              torch.Generator().manual_seed(seed))
+
+    first, again, other = ours(0), ours(0), ours(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert (first[-1] - other[-1]).abs().max() > 0.1
+    reference = _ancestral_run(diffusers.EulerAncestralDiscreteScheduler.from_config(config),
+                               start, torch.Generator().manual_seed(0))
+    assert_steps_close(first, reference)
+
+
+def test_a_list_of_generators_gives_each_sample_its_own_stream():
+    """Slice i of a batched ancestral step (and trajectory) with generators [10, 11, 12] equals
+    the one-sample run with generator i."""
+    config = {**SD_V1, "timestep_spacing": "leading"}
+    start = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(42))
+    batched = _ancestral_run(S.EulerAncestralDiscreteScheduler.from_config(config), start,
+                             [torch.Generator().manual_seed(10 + i) for i in range(3)])
+    for i in range(3):
+        alone = _ancestral_run(S.EulerAncestralDiscreteScheduler.from_config(config),
+                               start[i:i + 1], torch.Generator().manual_seed(10 + i))
+        for step, (b, a) in enumerate(zip(batched, alone, strict=True)):
+            torch.testing.assert_close(b[i:i + 1], a, atol=0, rtol=0,
+                                       msg=lambda m, step=step: f"step {step}: {m}")
+
+
+# ---------------------------------------------------------------- Karras σ on the cosine schedule
+
+
+def _vp(sigma):
+    """(α_t, σ_t) of the variance-preserving form at noise level σ."""
+    return 1 / (sigma ** 2 + 1) ** 0.5, sigma / (sigma ** 2 + 1) ** 0.5
+
+
+def test_karras_sigmas_on_the_cosine_schedule_run_every_step_with_its_own_sigma():
+    """DPM-Solver++ 2M, squaredcos_cap_v2, Karras σ, 20 steps: t = 999 five times, yet every
+    step uses its own σ (with the true noise as model output each step lands exactly on
+    α_{i+1}·x_0 + σ_{i+1}·ε), the last σ is 0, x_0 comes back to float32 precision at
+    σ_max ≈ 20291 (1e-2), and a step past the end is an error, not an IndexError
+    (huggingface/diffusers #12771)."""
+    s = S.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    s.set_timesteps(20)
+    assert s.timesteps.tolist() == [999] * 5 + [998] * 5 + [996, 994, 990, 978, 950, 868, 624,
+                                                             221, 34, 0]
+    assert len(set(s.sigmas.tolist())) == 21 and s.sigmas[-1].item() == 0.0
+    assert s.sigmas[0].item() == pytest.approx(20291.3, abs=0.1)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    alpha, sigma = _vp(s.sigmas[0].double())
+    x = (alpha * x0 + sigma * eps).float()
+    for i, t in enumerate(s.timesteps):
+        x = s.step(eps, t, x).prev_sample
+        alpha, sigma = _vp(s.sigmas[i + 1].double())
+        torch.testing.assert_close(x, (alpha * x0 + sigma * eps).float(), atol=1e-2, rtol=0)
+    assert x.isfinite().all()
+    assert (x - x0).abs().max() < 1e-2
+    with pytest.raises(ValueError, match="all steps are done"):
+        s.step(eps, 0, x)
+
+
+# ---------------------------------------------------------------- v-prediction
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_v_prediction_gives_back_x0_in_every_scheduler(cls, spacing):
+    """v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022, §4) at every point of a 10-step grid: one
+    step returns pred_original_sample = x_0 within 1e-6. The sample is x_t = √ᾱ·x_0 + √(1−ᾱ)·ε
+    for DDPM, DDIM and DPM-Solver++ and x = x_0 + σ·ε for the Euler schedulers, where
+    x̂_0 = x/(σ²+1) − σ/√(σ²+1)·v (huggingface/diffusers #7046)."""
+    s = cls.from_config({**SD_V1, "prediction_type": "v_prediction", "timestep_spacing": spacing})
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sigma_form = isinstance(s, S.EulerDiscreteScheduler)
+    for i, t in enumerate(s.timesteps):
+        s.set_begin_index(i)                     # DPM-Solver steps from a grid position
+        if getattr(s, "sigmas", None) is not None:
+            alpha_bar = 1 / (s.sigmas[i] ** 2 + 1)
+        else:
+            alpha_bar = s.alphas_cumprod[int(t)]
+        v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+        if sigma_form:
+            x = x0 + s.sigmas[i] * eps
+        else:
+            x = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+        out = s.step(v, t, x, generator=torch.Generator().manual_seed(1))
+        assert (out.pred_original_sample - x0).abs().max() < 1e-6, (i, t)

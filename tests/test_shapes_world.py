@@ -21,10 +21,12 @@ from minisd.shapes.world import (
     Scene,
     SceneObject,
     ShapesDataset,
+    binding_swaps,
     cell_centre,
     describe,
     evaluation_prompts,
     render,
+    showcase_prompts,
 )
 
 
@@ -208,3 +210,65 @@ def test_bad_scenes_and_indices():
 def test_scene_dict_round_trip():
     scene = ShapesDataset("test", seed=0).attributes(3)
     assert Scene.from_dict(scene.to_dict()) == scene
+
+
+def test_negative_prompt_changes_one_stated_attribute():
+    ds = ShapesDataset("train", 400, two_object_fraction=0.5, seed=0)
+    kinds = set()
+    for i in range(400):
+        scene, prompt, negative = ds.attributes(i), ds.prompt(i), ds.negative_prompt(i)
+        assert negative.caption != prompt.caption
+        assert not negative.held_out                       # train captions name no held-out pair
+        assert negative == ds.negative_prompt(i)           # reproducible
+        stated, false = prompt.attributes, negative.attributes
+        if len(scene.objects) == 2:
+            # one binding changed: the relation reversed, or two values swapped between objects
+            if false.relation != stated.relation:
+                kinds.add("relation")
+                assert false.objects == stated.objects
+            elif false.objects[0].colour != stated.objects[0].colour:
+                kinds.add("colours")
+                assert [o.colour for o in false.objects] == [o.colour for o in stated.objects][::-1]
+            else:
+                kinds.add("shapes")
+                assert [o.shape for o in false.objects] == [o.shape for o in stated.objects][::-1]
+        else:
+            (s,), (f,) = stated.objects, false.objects
+            changed = [a for a in ("colour", "shape", "position") if getattr(s, a) != getattr(f, a)]
+            assert len(changed) == 1 and (changed != ["position"] or s.position is not None)
+            kinds.add(changed[0])
+    assert kinds == {"relation", "colours", "shapes", "colour", "shape", "position"}
+
+
+def test_binding_swaps_written_out():
+    red_circle = SceneObject("circle", "red", "small", "left")
+    blue_square = SceneObject("square", "blue", "large", "right")
+    swaps = binding_swaps(Scene((red_circle, blue_square), "white", "left of"))
+    assert swaps["relation"] == Scene((red_circle, blue_square), "white", "right of")
+    assert swaps["colours"] == Scene((SceneObject("circle", "blue", "small", "left"),
+                                      SceneObject("square", "red", "large", "right")),
+                                     "white", "left of")
+    assert swaps["shapes"] == Scene((SceneObject("square", "red", "small", "left"),
+                                     SceneObject("circle", "blue", "large", "right")),
+                                    "white", "left of")
+    with pytest.raises(ValueError, match="two objects"):
+        binding_swaps(Scene((red_circle,), "white"))
+
+
+def test_showcase_prompts_say_what_their_attributes_say():
+    prompts = showcase_prompts()
+    assert len(prompts) == 16 and sum(p.held_out for p in prompts) == 3
+    assert sum(len(p.attributes.objects) == 2 for p in prompts) == 5
+    assert {p.attributes.background for p in prompts} >= {"black", "white", "gray"}
+    world_words = {word for i in range(3000)
+                   for word in re.findall(r"[a-z]+", ShapesDataset("train", 3000).prompt(i).caption)}
+    for prompt in prompts:
+        words = re.findall(r"[a-z]+", prompt.caption)
+        assert set(words) <= world_words, prompt.caption
+        for o in prompt.attributes.objects:
+            assert o.colour in words and o.shape in words, prompt.caption
+        scene = prompt.attributes
+        if scene.relation is not None:
+            assert scene.relation.split()[0] in words
+        if scene.background is not None:
+            assert scene.background in words

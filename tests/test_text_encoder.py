@@ -237,3 +237,38 @@ def test_clip_skip_must_be_an_int(bad):
     with pytest.raises(TypeError, match=rf"clip_skip must be an int from 1 \(last layer\) to 3, "
                                         rf"got {re.escape(repr(bad))}"):
         ours(torch.tensor([[98, 5, 99]]), clip_skip=bad)
+
+
+def test_the_causal_attention_needs_no_padding_mask():
+    """"a red circle" padded with EOS (SD v1), the same padded with 0, and without padding:
+    every position up to and including EOS and the pooled vector are the same in all three,
+    and equal transformers' CLIPTextModel on the same weights; only the padding differs.
+    No mask is needed because token i attends to tokens ≤ i (openai/CLIP #183)."""
+    reference, ours = small_pair(vocab_size=49408, max_position_embeddings=77,
+                                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    padded = CLIPTokenizer.openai()("a red circle")
+    assert padded[0, :6].tolist() == [49406, 320, 736, 7117, 49407, 49407]
+    zeros = padded.clone()
+    zeros[0, 5:] = 0
+    unpadded = padded[:, :5]
+    with torch.no_grad():
+        outputs = [(ours(ids), reference(ids)) for ids in (padded, zeros, unpadded)]
+    first = outputs[0][0]
+    for mine, theirs in outputs:
+        close(mine.last_hidden_state[:, :5], first.last_hidden_state[:, :5])
+        close(mine.pooler_output, first.pooler_output)
+        close(mine.last_hidden_state, theirs.last_hidden_state)
+        close(mine.pooler_output, theirs.pooler_output)
+    # the test can fail: the padding positions themselves do differ
+    assert (outputs[0][0].last_hidden_state[:, 5:]
+            - outputs[1][0].last_hidden_state[:, 5:]).abs().max() > 1e-2
+
+
+def test_forward_passes_read_no_values_from_the_device():
+    """No device sync per call: the model runs on the `meta` device, where any .item(),
+    bool() or int() of a tensor raises, so the forward pass has no such step."""
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig.from_config(SMALL))
+        ids = torch.zeros(2, 16, dtype=torch.long)
+    out = model(ids, clip_skip=2)
+    assert out.last_hidden_state.shape == (2, 16, 32) and out.pooler_output.shape == (2, 32)

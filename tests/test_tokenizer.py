@@ -4,7 +4,10 @@ of SD v1's prompts, padding and truncation, OpenAI's text cleaning, loading and 
 import json
 import random
 import re
+import signal
+import string
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -214,6 +217,55 @@ def test_exactly_75_tokens_is_not_truncated(tok):
     assert ids[0].tolist() == [49406] + [320] * 75 + [49407]
     with pytest.warns(UserWarning, match="dropped: 'a'"):
         assert tok(" ".join(["a"] * 76))[0].tolist() == [49406] + [320] * 75 + [49407]
+
+
+# Byte-pair encoding always ends, and stays fast on long words: a port of CLIP's BPE looped
+# forever on "pavement" (greyovo/CLIP-android-demo #1); BPE that rescans the word after
+# every merge is quadratic in its length (openai/tiktoken #195).
+
+@contextmanager
+def finishes_within(seconds: int):
+    """Fail with TimeoutError instead of hanging (a quadratic BPE takes hours on 10⁶
+    letters); a bound on termination, far above the time it takes."""
+    def stop(*_):
+        raise TimeoutError(f"did not finish within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_bpe_ends_on_pavement(tok):
+    with finishes_within(10):
+        ids = tok("cat on the pavement")
+    assert ids[0, :7].tolist() == [49406, 2368, 525, 518, 27669, 49407, 49407]
+    assert tok.bpe("pavement") == ["pavement</w>"]
+
+
+@pytest.mark.parametrize("kind", ["repeated", "random"])
+def test_a_long_word_gives_the_pieces_of_the_reference_bpe(tok, hf, kind):
+    word = "a" * 10_000 if kind == "repeated" else "".join(
+        random.Random(0).choices(string.ascii_lowercase, k=10_000))
+    with finishes_within(30):
+        pieces = tok.encode(word)
+    assert pieces == hf(word, add_special_tokens=False).input_ids
+    with pytest.warns(UserWarning) as record:
+        ids = tok(word)
+    assert len(record) == 1 and ids.shape == (1, 77)
+    assert ids[0].tolist() == [BOS, *pieces[:75], EOS]
+
+
+def test_a_million_letters_give_77_ids_and_one_short_warning(tok):
+    word = "".join(random.Random(1).choices(string.ascii_lowercase, k=10 ** 6))
+    with finishes_within(60), pytest.warns(UserWarning) as record:
+        ids = tok(word)
+    assert ids.shape == (1, 77) and ids[0, 0] == BOS and ids[0, 76] == EOS
+    assert len(record) == 1 and len(str(record[0].message)) < 1000
+    assert re.search(r"has \d+ tokens, more than the 75 that fit in 77; dropped: '.*' and "
+                     r"\d+ more tokens$", str(record[0].message))
 
 
 # The pieces of the algorithm.

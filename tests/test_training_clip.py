@@ -18,7 +18,8 @@ from minisd.package_data import bundled_model
 from minisd.shapes.world import Scene, SceneObject, ShapesDataset
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
 from minisd.training import clip as tc
-from minisd.training.loop import TARGETS, TrainConfig, build_parser, init_distributed, train
+from minisd.training.__main__ import COMMANDS, build_parser, settings_from_args
+from minisd.training.loop import TrainConfig, init_distributed, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_batch, tiny_config, torchrun
@@ -196,10 +197,15 @@ def test_contrastive_loss_under_torchrun_equals_one_process(tmp_path):
     assert set(history) >= {"loss", "logit_scale", "accuracy"}
 
 
-def test_clip_is_a_training_target():
-    assert "clip" in TARGETS
-    args = build_parser().parse_args(["clip", "--steps", "5", "--text-width", "64"])
-    assert (args.steps, args.text_width, args.text_layers) == (5, 64, 3)
+def test_clip_is_a_training_command():
+    assert COMMANDS["clip"].settings is tc.CLIPTrainConfig and COMMANDS["clip"].run is tc.run
+    args = build_parser()[0].parse_args(["clip", "--steps", "5", "--hidden-size", "64"])
+    config = settings_from_args(tc.CLIPTrainConfig, args)
+    assert (config.steps, config.hidden_size, config.num_hidden_layers, config.lr) == (
+        5, 64, 3, 2e-3)
+    with pytest.raises(ValueError, match="CLIPTrainConfig.num_attention_heads must be a "
+                                         "divisor of hidden_size"):
+        tc.CLIPTrainConfig(hidden_size=30)
 
 
 # The committed model
@@ -227,3 +233,49 @@ def test_bundled_clip_zero_shot_accuracy():
         predicted = tc.zero_shot_predictions(model, tok, scenes, pictures, attribute)
         right = sum(p == getattr(s.objects[0], attribute) for p, s in zip(predicted, scenes))
         assert right / len(scenes) >= bound, attribute
+
+
+def test_hard_negatives_add_a_column_to_the_picture_side():
+    """Each picture is also scored against its own contradicting caption: the picture →
+    caption cross-entropy runs over B + 1 columns, the caption → picture side is unchanged."""
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_config())
+    ids, pictures = tiny_batch(4)
+    negative_ids = ids.flip(1).clone()
+    negative_ids[:, 0], negative_ids[:, -1] = ids[:, 0], ids[:, -1]   # BOS … EOS kept
+    out = tc.contrastive_loss(model, (pictures, ids, negative_ids))
+    text = torch.nn.functional.normalize(model.get_text_features(ids), dim=-1)
+    negative = torch.nn.functional.normalize(model.get_text_features(negative_ids), dim=-1)
+    image = torch.nn.functional.normalize(model.get_image_features(pictures), dim=-1)
+    scale = model.logit_scale.exp()
+    logits = scale * text @ image.T                                   # (captions, pictures)
+    rows = torch.cat([logits.T, (scale * (image * negative).sum(-1))[:, None]], dim=1)
+    labels = torch.arange(4)
+    by_hand = (torch.nn.functional.cross_entropy(logits, labels)
+               + torch.nn.functional.cross_entropy(rows, labels)) / 2
+    torch.testing.assert_close(out["loss"], by_hand)
+    plain = tc.contrastive_loss(model, (pictures, ids))["loss"]
+    assert out["loss"] > plain                          # one more competitor per picture
+    assert 0 <= out["negative_wins"] <= 1
+
+
+def test_collate_tokenises_every_caption_column_to_one_length(shapes_tokenizer):
+    collate = tc.TokenizeCollate(shapes_tokenizer)
+    data = tc.WithNegatives(ShapesDataset("train", 8))
+    pictures, ids, negative_ids = collate([data[i] for i in range(8)])
+    assert pictures.shape == (8, 3, 64, 64) and ids.shape == negative_ids.shape
+    assert not torch.equal(ids, negative_ids)
+    assert (ids == shapes_tokenizer.eos_token_id).any(1).all()
+
+
+def test_binding_similarity_reads_swapped_captions():
+    """Each swap keeps the caption's words and binds them another way; a text tower that reads
+    word order scores swaps below 1, and unrelated captions far below the swaps."""
+    tokenizer = CLIPTokenizer.from_merges(learn_bpe(tc.caption_corpus(2000)))
+    torch.manual_seed(0)
+    text = CLIPModel(tc.small_clip_config(tokenizer, 32, 1, 2, 16)).text_model
+    result = tc.binding_similarity(text, tokenizer, num_scenes=20)
+    assert set(result) == {"relation", "colours", "shapes", "unrelated"}
+    for kind in ("relation", "colours", "shapes"):
+        for read in ("pooled", "context"):
+            assert result["unrelated"][read] < result[kind][read] < 1.0

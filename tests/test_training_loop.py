@@ -1,4 +1,6 @@
-"""Tests of the shared training loop (minisd.training.loop) and the EMA (minisd.training.ema)."""
+"""Tests of the shared training loop (minisd.training.loop) and the EMA (minisd.training.ema).
+The command line is tested in test_training_cli.py, a recipe under torchrun in
+test_training_unet.py."""
 
 import math
 from pathlib import Path
@@ -12,17 +14,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from minisd.training.ema import EMA
-from minisd.training.loop import (
-    TrainConfig,
-    build_parser,
-    config_from_args,
-    init_distributed,
-    latest_checkpoint,
-    lr_at,
-    main,
-    register,
-    train,
-)
+from minisd.training.loop import TrainConfig, init_distributed, latest_checkpoint, lr_at, train
 
 
 def regression_data(n: int = 20) -> TensorDataset:
@@ -355,19 +347,6 @@ def test_ddp_two_processes_match_one(tmp_path):
               quiet(steps=5, lr=0.05, out_dir=str(tmp_path / "checkpoints"), resume=True))
 
 
-def test_ddp_command_line_under_torchrun(tmp_path, capsys):
-    """`python -m minisd.training toy` unchanged under torchrun: one printed summary (rank 0),
-    and the weights of the one-process command within 1e-6."""
-    options = ["toy", "--steps", "20", "--batch-size", "32", "--no-progress", "--device", "cpu"]
-    stdout = torchrun("-m", "minisd.training", *options, "--out-dir", str(tmp_path / "ddp"))
-    assert stdout.count("toy: loss") == 1
-    main([*options, "--out-dir", str(tmp_path / "single")])
-    assert capsys.readouterr().out.count("toy: loss") == 1
-    assert_equal_weights(
-        load_file(tmp_path / "ddp" / "checkpoint-0000020" / "model.safetensors"),
-        load_file(tmp_path / "single" / "checkpoint-0000020" / "model.safetensors"), atol=1e-6)
-
-
 def test_global_batch_is_split_between_ranks():
     """What makes N processes equal one: rank r's share of each batch of the permutation."""
     data = regression_data()
@@ -376,34 +355,3 @@ def test_global_batch_is_split_between_ranks():
     for b in range(2):
         assert sorted(shares[0][b * 4:(b + 1) * 4] + shares[1][b * 4:(b + 1) * 4]) == \
             sorted(order[b * 8:(b + 1) * 8])
-
-
-# Command line
-
-
-def test_command_line_toy_trains_checkpoints_and_resumes(tmp_path, capsys):
-    out = str(tmp_path / "toy")
-    main(["toy", "--steps", "120", "--no-progress", "--device", "cpu", "--out-dir", out])
-    printed = capsys.readouterr().out
-    assert printed.startswith("toy: loss ") and "after 120 steps" in printed
-    assert float(printed.split()[2].rstrip(",")) < 1e-3
-    assert latest_checkpoint(out).name == "checkpoint-0000120"
-    with pytest.raises(FileExistsError):
-        main(["toy", "--steps", "130", "--no-progress", "--device", "cpu", "--out-dir", out])
-    main(["toy", "--steps", "130", "--no-progress", "--device", "cpu", "--out-dir", out,
-          "--resume"])
-    assert "after 130 steps" in capsys.readouterr().out
-
-
-def test_command_line_options():
-    args = build_parser().parse_args(["toy", "--grad-clip", "none", "--ema-decay", "0.99",
-                                      "--betas", "0.8", "0.95", "--schedule", "constant"])
-    config = config_from_args(args)
-    assert config.grad_clip is None and config.ema_decay == 0.99
-    assert config.betas == (0.8, 0.95) and config.schedule == "constant"
-    assert config.steps == 200 and config.out_dir == "runs/toy"  # the toy's own defaults
-    for bad in (["unknown-model"], ["toy", "--schedule", "linear"], []):
-        with pytest.raises(SystemExit):
-            build_parser().parse_args(bad)
-    with pytest.raises(ValueError, match="already registered"):
-        register("toy", help="again", defaults=TrainConfig())

@@ -1,5 +1,6 @@
-"""The U-Net's training recipe (minisd.training.unet): the loss, caption dropout, the cache, the
-saved folder (read back by minisd, diffusers and the pipeline), the `all` command, and the
+"""The U-Net's training recipe (minisd.training.unet): the ε- and v-prediction losses, caption
+dropout, the cache, the saved folder (read back by minisd, diffusers and the pipeline, with the
+sampling settings the recipe chose), the command under torchrun and with --resume, and the
 committed bundled model's pictures as judged by minisd.shapes.evaluate."""
 
 import json
@@ -7,31 +8,24 @@ import json
 import diffusers
 import pytest
 import torch
+from conftest import tiny_tokenizer, torchrun
 from safetensors.torch import load_file
 
 from minisd.noise import NoiseSchedule
 from minisd.package_data import data_dir
 from minisd.pipeline import StableDiffusionPipeline
-from minisd.shapes.evaluate import GUIDANCE_SCALE, evaluate, pipeline_generate_fn
+from minisd.shapes.evaluate import evaluate, pipeline_generate_fn
 from minisd.shapes.world import ShapesDataset, evaluation_prompts
 from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
-from minisd.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode
 from minisd.training import unet as recipe
-from minisd.training.loop import TARGETS, TrainConfig, main
+from minisd.training.__main__ import main
+from minisd.training.loop import latest_checkpoint
+from minisd.training.unet import UNetTrainConfig
 from minisd.unet import UNet2DConditionModel
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig
 
 SD_V1 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
          "num_train_timesteps": 1000}
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """Byte-level BPE with the 512 byte symbols, a few merges and the specials (521 ids)."""
-    symbols = list(bytes_to_unicode().values())
-    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "l e</w>", "circ le</w>"]
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges),
-              BOS, EOS]
-    return CLIPTokenizer({t: i for i, t in enumerate(tokens)}, merges)
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +48,48 @@ def parts_folder(tmp_path_factory):
     return folder
 
 
-def quiet(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": 3, "batch_size": 8, "progress": False, "device": "cpu",
-                          "ema_decay": 0.9, "warmup_steps": 1, **overrides})
+def quiet(**overrides) -> UNetTrainConfig:
+    """The recipe at tiny settings: a (8, 16, 16) U-Net, 16 pictures, 3 steps of 8."""
+    return UNetTrainConfig(**{"steps": 3, "batch_size": 8, "progress": False, "device": "cpu",
+                              "ema_decay": 0.9, "warmup_steps": 1, "out_dir": None,
+                              "block_out_channels": (8, 16, 16), "train_samples": 16,
+                              "cache_dir": None, **overrides})
+
+
+TINY_OPTIONS = ["--steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--device", "cpu",
+                "--block-out-channels", "8", "16", "16", "--train-samples", "16",
+                "--checkpoint-every", "1"]
 
 
 def test_recipe_trains_and_saves_a_folder_everyone_loads(parts_folder, tmp_path):
-    unet = recipe.train_unet(quiet(out_dir=str(tmp_path / "runs")), model=parts_folder,
-                             output=parts_folder, block_out_channels=(8, 16, 16),
-                             attention_head_dim=(1, 2, 2), train_samples=16,
-                             cache_dir=tmp_path / "cache")
+    unet = recipe.train_unet(quiet(output=str(parts_folder), out_dir=str(tmp_path / "runs"),
+                                   cache_dir=str(tmp_path / "cache"))).unet
     folder = parts_folder
     config = json.loads((folder / "unet" / "config.json").read_text())
     assert config["_class_name"] == "UNet2DConditionModel"
     assert config["cross_attention_dim"] == 16 and config["sample_size"] == 16
-    assert config["only_cross_attention"] == [True, False, False]
+    assert config["only_cross_attention"] == [False, False, False]
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
     for name, value in unet.state_dict().items():  # the saved weights are the returned EMA's
         torch.testing.assert_close(weights[name], value.half(), rtol=0, atol=0)
 
+    # the sampler the recipe chose: DDIM on SD v1's betas rescaled to zero terminal SNR,
+    # v-prediction, trailing spacing from t = 999
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler"
     assert {k: scheduler[k] for k in SD_V1} == SD_V1
-    assert (scheduler["set_alpha_to_one"], scheduler["steps_offset"],
-            scheduler["clip_sample"], scheduler["prediction_type"]) == (False, 1, False, "epsilon")
+    assert {k: scheduler[k] for k in ("prediction_type", "rescale_betas_zero_snr",
+                                      "timestep_spacing", "steps_offset", "set_alpha_to_one",
+                                      "clip_sample")} == {
+        "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": False,
+        "clip_sample": False}
+    theirs = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    theirs.set_timesteps(25)
+    assert theirs.timesteps[0] == 999 and theirs.alphas_cumprod[-1] < 1e-6
     index = json.loads((folder / "model_index.json").read_text())
+    assert index["_sampling_defaults"] == {"guidance_scale": 2.5, "num_inference_steps": 25}
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
@@ -100,6 +110,18 @@ def test_recipe_trains_and_saves_a_folder_everyone_loads(parts_folder, tmp_path)
     images = pipe("a red circle", num_inference_steps=2, seed=0, output_type="pt",
                   progress=False).images
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_saved_defaults_follow_the_recipe(parts_folder, tmp_path):
+    """ε-prediction on SD v1's own schedule, guidance 4: the saved files say so."""
+    recipe.train_unet(quiet(output=str(tmp_path), model=str(parts_folder), steps=1,
+                            prediction_type="epsilon", rescale_betas_zero_snr=False,
+                            guidance_scale=4.0))
+    scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"]) == (
+        "epsilon", False)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_sampling_defaults"]["guidance_scale"] == 4.0
 
 
 def test_encoding_is_cached_and_reused(parts_folder, tmp_path, monkeypatch):
@@ -136,11 +158,15 @@ def test_encoding_matches_the_parts(parts_folder):
 
 
 class RecordingUNet(torch.nn.Module):
-    """Returns zeros and records what it was called with."""
+    """Returns `output` (default zeros) and records what it was called with."""
+
+    def __init__(self, output: torch.Tensor | None = None):
+        super().__init__()
+        self.output = output
 
     def forward(self, sample, timestep, encoder_hidden_states):
         self.calls = (sample, timestep, encoder_hidden_states)
-        return torch.zeros_like(sample)
+        return torch.zeros_like(sample) if self.output is None else self.output
 
 
 def test_loss_is_epsilon_prediction_mse():
@@ -166,6 +192,47 @@ def test_loss_is_epsilon_prediction_mse():
     torch.testing.assert_close(seen_context, torch.where(drop[:, None, None], empty, context))
 
 
+def test_v_prediction_loss_by_hand():
+    """One timestep with ᾱ = 0.64 (β = 0.36): √ᾱ = 0.8, √(1 − ᾱ) = 0.6, so
+    z_t = 0.8·z_0 + 0.6·ε and v = 0.8·ε − 0.6·z_0 (Salimans & Ho 2022, §4); the loss is
+    the mean of (v_θ − v)² over the elements."""
+    schedule = NoiseSchedule.from_betas([0.36])
+    z0 = torch.tensor([3.0, -1.0]).view(1, 1, 1, 2)
+    unet = RecordingUNet(output=torch.tensor([1.0, 1.0]).view(1, 1, 1, 2))
+    torch.manual_seed(5)
+    loss = recipe.v_prediction_loss(schedule, torch.zeros(77, 8), uncond_prob=0.0)(
+        unet, (z0, torch.zeros(1, 77, 8)))
+    torch.manual_seed(5)
+    assert torch.randint(0, 1, (1,)).item() == 0
+    e1, e2 = torch.randn(1, 1, 1, 2).flatten().tolist()
+    sample, timestep, _ = unet.calls
+    assert timestep.tolist() == [0]
+    assert sample.flatten().tolist() == pytest.approx([0.8 * 3 + 0.6 * e1, 0.8 * -1 + 0.6 * e2],
+                                                      abs=1e-6)
+    v1, v2 = 0.8 * e1 - 0.6 * 3, 0.8 * e2 - 0.6 * -1
+    assert loss.item() == pytest.approx(((1 - v1) ** 2 + (1 - v2) ** 2) / 2, rel=1e-6)
+
+
+def test_v_target_at_zero_terminal_snr_is_minus_the_latents():
+    """Where ᾱ_t = 0 (t = 999 of the recipe's schedule, SD v1's rescaled to zero terminal SNR),
+    z_t = ε holds nothing of the picture and v = −z_0: the target still carries it. Checked on
+    a one-step schedule with β = 1 (ᾱ = 0) and a zero prediction: the loss is the mean of z_0²."""
+    schedule = NoiseSchedule(**UNetTrainConfig().noise_schedule())
+    assert schedule.alphas_cumprod[-1] == 0
+    assert schedule.alphas_cumprod[0].item() == pytest.approx(0.99915, abs=1e-6)
+    assert recipe.LOSSES[UNetTrainConfig().prediction_type] is recipe.v_prediction_loss
+
+    z0 = torch.randn(4, 4, 2, 2)
+    unet = RecordingUNet()
+    torch.manual_seed(0)
+    loss = recipe.v_prediction_loss(NoiseSchedule.from_betas([1.0]), torch.zeros(77, 8),
+                                    uncond_prob=0.0)(unet, (z0, torch.zeros(4, 77, 8)))
+    torch.manual_seed(0)
+    torch.randint(0, 1, (4,))
+    torch.testing.assert_close(unet.calls[0], torch.randn(4, 4, 2, 2))  # z_t = ε
+    torch.testing.assert_close(loss, z0.pow(2).mean())
+
+
 def test_caption_dropout_rate():
     torch.manual_seed(0)
     n = 20_000
@@ -181,17 +248,23 @@ def test_caption_dropout_rate():
         recipe.drop_captions(context, empty, 1.5)
 
 
-def test_bundled_config_attends_only_to_text_at_16x16():
-    config = recipe.bundled_unet_config(cross_attention_dim=128)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(config)
-    assert sum(p.numel() for p in unet.parameters()) == 897_700
-    cross = {n for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)}
-    selfs = {n for n, m in unet.named_modules()
-             if hasattr(m, "is_cross_attention") and n not in cross}
-    assert all(n.startswith(("down_blocks.1", "mid_block", "up_blocks.1")) for n in selfs)
-    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in cross
-    assert not any(n.startswith(("down_blocks.2", "up_blocks.0")) for n in cross | selfs)
+def test_recipe_config_self_attends_at_every_level():
+    """The recipe's U-Net has self-attention at 16×16 too; `only_cross_attention` at the first
+    level gives back the committed model's architecture (text-only attention there)."""
+    def attention(config):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(recipe.unet_config(config, cross_attention_dim=128))
+        blocks = {n: m for n, m in unet.named_modules() if hasattr(m, "only_cross_attention")}
+        return sum(p.numel() for p in unet.parameters()), blocks
+
+    params, blocks = attention(UNetTrainConfig())
+    assert params == 882_724 and not any(b.only_cross_attention for b in blocks.values())
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in blocks} == {
+        "down_blocks.0", "down_blocks.1", "mid_block.attentions", "up_blocks.1", "up_blocks.2"}
+    params, blocks = attention(UNetTrainConfig(only_cross_attention=(True, False, False)))
+    assert params == 897_700
+    assert {n for n, b in blocks.items() if b.only_cross_attention} == {
+        n for n in blocks if n.startswith(("down_blocks.0", "up_blocks.2"))}
 
 
 def test_missing_parts_say_what_to_train(tmp_path):
@@ -199,28 +272,41 @@ def test_missing_parts_say_what_to_train(tmp_path):
         recipe.load_frozen_parts(tmp_path)
 
 
-def test_all_runs_the_stages_in_order(monkeypatch, tmp_path):
-    from minisd.training import clip, vae  # noqa: F401  (they register clip and vae)
-    calls = []
-    for stage in recipe.STAGES:
-        monkeypatch.setattr(TARGETS[stage], "run",
-                            lambda config, args, stage=stage: calls.append((stage, config, args)))
-    main(["all", "--output", str(tmp_path), "--seed", "3", "--no-progress", "--device", "cpu"])
-    assert [c[0] for c in calls] == ["vae", "clip", "unet"]
-    (_, vae_config, vae_args), (_, clip_config, clip_args), (_, unet_config, unet_args) = calls
-    assert vae_args.output == str(tmp_path / "vae") and clip_args.output == str(tmp_path)
-    assert unet_args.output == str(tmp_path) and unet_args.model == str(tmp_path)
-    assert unet_config.steps == recipe.DEFAULTS.steps and unet_config.lr == recipe.DEFAULTS.lr
-    assert vae_config.name == "vae" and clip_config.name == "clip"
-    assert {c.seed for _, c, _ in calls} == {3} and not any(c.progress for _, c, _ in calls)
-    with pytest.raises(ValueError, match="--steps, --lr"):
-        main(["all", "--steps", "5", "--lr", "0.1"])
+def test_unet_command_under_torchrun(parts_folder, tmp_path):
+    """`python -m minisd.training unet` unchanged under torchrun (2 processes, gloo): rank 0
+    encodes and caches the training set while rank 1 waits, then reads it; one printed
+    summary; one set of checkpoints; the saved U-Net loads."""
+    output = tmp_path / "model"
+    stdout = torchrun("-m", "minisd.training", "unet", *TINY_OPTIONS, "--no-progress",
+                      "--model", str(parts_folder), "--output", str(output),
+                      "--out-dir", str(tmp_path / "runs"),
+                      "--cache-dir", str(tmp_path / "cache"))
+    assert stdout.count("unet: 2 steps") == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "checkpoint-0000001", "checkpoint-0000002"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert UNet2DConditionModel.from_pretrained(output / "unet").config.block_out_channels == (
+        8, 16, 16)
+
+
+def test_unet_command_checkpoints_and_resumes(parts_folder, tmp_path, capsys):
+    """The command refuses to overwrite checkpoints and continues from them with --resume."""
+    options = [*TINY_OPTIONS, "--no-progress", "--output", "none", "--model",
+               str(parts_folder), "--out-dir", str(tmp_path / "runs"), "--cache-dir", "none"]
+    main(["unet", *options])
+    assert "unet: 2 steps" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "runs").name == "checkpoint-0000002"
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        main(["unet", *options, "--steps", "3"])
+    result = main(["unet", *options, "--steps", "3", "--resume"])
+    assert result.history["step"] == [0, 1, 2]
+    assert "unet: 3 steps" in capsys.readouterr().out
 
 
 # ---- the committed bundled model ----
 
 # Measured on the committed model (see data/minisd-shapes/README.md): the first 12 test prompts,
-# 10 DDIM steps, guidance GUIDANCE_SCALE, seeds 0…11.
+# 10 DDIM steps, the model's own guidance (4), seeds 0…11.
 MEASURED = {"colour": 0.833, "shape": 0.667, "position": 1.0}
 MARGIN = 0.25
 
@@ -229,7 +315,7 @@ MARGIN = 0.25
                     "by `python -m minisd.training unet`")
 def test_bundled_model_draws_what_the_prompt_says():
     pipe = StableDiffusionPipeline.from_pretrained(device="cpu")
-    results = evaluate(pipeline_generate_fn(pipe, 10, GUIDANCE_SCALE), evaluation_prompts(12),
+    results = evaluate(pipeline_generate_fn(pipe, 10), evaluation_prompts(12),
                        batch_size=12, progress=False, print_table=False)
     for name, measured in MEASURED.items():
         assert results["all"][name] >= measured - MARGIN, (name, results["all"])

@@ -1,11 +1,9 @@
 """Tests of the bundled VAE's recipe (minisd.training.vae), the committed VAE in
-data/minisd-shapes/vae, and the latent interpolation picture (minisd.viz)."""
+data/minisd-shapes/vae, and the latent interpolation picture (minisd.viz). The `vae` command
+itself is run in test_training_cli.py."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +13,13 @@ from safetensors import safe_open
 from torch import nn
 
 from minisd import viz
+from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
 from minisd.shapes.world import HELD_OUT, ShapesDataset
-from minisd.training.loop import TrainConfig
 from minisd.training.vae import (
-    BUNDLED_FOLDER,
     INITIAL_LOGVAR,
     RandomCrops,
+    VAETrainConfig,
     WorldPictures,
-    bundled_vae_config,
     evaluate_reconstructions,
     format_evaluation,
     full_picture_config,
@@ -31,34 +28,38 @@ from minisd.training.vae import (
     object_mask,
     psnr,
     train_vae,
+    vae_config,
     vae_loss_fn,
 )
 from minisd.vae import WEIGHTS_NAME, AutoencoderKL, DiagonalGaussianDistribution, vae_loss
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_VAE = BUNDLED_FOLDER / "vae"
+BUNDLED_VAE = data_dir() / BUNDLED_MODEL_NAME / "vae"
 # Measured on the committed VAE (see data/minisd-shapes/README.md): mean PSNR of the first
 # 64 test pictures; the test allows 0.5 dB less (float rounding across machines is far smaller).
 BUNDLED_PSNR_64 = 36.39
 
 
+TINY = {"block_out_channels": (8, 16), "norm_num_groups": 4}
+
+
 def tiny_config():
     """Two levels (f = 2), 8 and 16 channels: a VAE that trains a step in milliseconds."""
-    return bundled_vae_config((8, 16), norm_num_groups=4)
+    return vae_config(VAETrainConfig(**TINY))
 
 
-def quiet(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False,
-                          "device": "cpu", **overrides})
+def quiet(**overrides) -> VAETrainConfig:
+    """The recipe at tiny settings: 3 crop steps of 4 on 32 pictures, no checkpoints."""
+    return VAETrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False,
+                             "device": "cpu", "out_dir": None, "train_samples": 32,
+                             "scale_samples": 12, "eval_samples": 0, **TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 3-step run of the recipe on a tiny config, saved (float16) to a temporary folder."""
-    folder = tmp_path_factory.mktemp("tiny") / "vae"
-    result = train_vae(quiet(), tiny_config(), output=folder, crop_size=16, full_steps=2,
-                       full_batch_size=4, train_samples=32, scale_samples=12, eval_samples=0)
-    return folder, result
+    model = tmp_path_factory.mktemp("tiny")
+    result = train_vae(quiet(output=str(model), crop_size=16, full_steps=2, full_batch_size=4))
+    return model / "vae", result
 
 
 # The recipe
@@ -99,8 +100,8 @@ def test_saved_vae_loads_in_diffusers_and_agrees(tiny_run):
 
 
 def test_scaling_factor_is_one_over_the_std_of_training_latents():
-    result = train_vae(quiet(seed=3), tiny_config(), output=None, crop_size=None, full_steps=2,
-                       full_batch_size=4, train_samples=32, scale_samples=12, eval_samples=0)
+    result = train_vae(quiet(seed=3, output=None, crop_size=None, full_steps=2,
+                             full_batch_size=4))
     vae = result.vae
     assert result.crop_history == {} and len(result.full_history["loss"]) == 2
     images = torch.stack([ShapesDataset("train", 12)[i][0] for i in range(12)])  # U-Net's data
@@ -113,21 +114,26 @@ def test_scaling_factor_is_one_over_the_std_of_training_latents():
 
 
 def test_bad_recipe_arguments():
-    with pytest.raises(ValueError, match="scale_samples must be at least 1"):
-        train_vae(quiet(), tiny_config(), output=None, train_samples=32, scale_samples=0)
+    with pytest.raises(ValueError, match="VAETrainConfig.scale_samples must be at least 1"):
+        quiet(scale_samples=0)
     with pytest.raises(ValueError, match="nothing to train"):
-        train_vae(quiet(), tiny_config(), output=None, crop_size=None, full_steps=0)
+        quiet(crop_size=None, full_steps=0)
+    with pytest.raises(ValueError, match="reconstruction must be one of l2, l1"):
+        quiet(reconstruction="l3")
+    with pytest.raises(ValueError, match="crop size 15 is not a multiple of 2"):
+        train_vae(quiet(output=None, crop_size=15))
     with pytest.raises(ValueError, match="crop size 30 is not a multiple of 4"):
         RandomCrops(WorldPictures(4), 30, multiple=4)
 
 
 def test_full_picture_phase_settings():
-    config = TrainConfig(steps=2400, batch_size=16, lr=1.5e-3, out_dir="runs/vae", seed=5)
-    full = full_picture_config(config, steps=300, lr=5e-4, batch_size=8)
+    config = VAETrainConfig(steps=2400, batch_size=16, lr=1.5e-3, out_dir="runs/vae", seed=5,
+                            full_steps=300, full_lr=5e-4, full_batch_size=8)
+    full = full_picture_config(config)
     assert (full.steps, full.lr, full.min_lr, full.batch_size, full.warmup_steps) == (
         300, 5e-4, 5e-5, 8, 20)
     assert full.out_dir == str(Path("runs/vae") / "full") and full.seed == 5
-    assert full_picture_config(replace(config, out_dir=None), 1, 1e-3, 4).out_dir is None
+    assert full_picture_config(replace(config, out_dir=None, full_steps=1)).out_dir is None
 
 
 def test_world_pictures_hold_every_pair_and_are_reproducible():
@@ -281,24 +287,6 @@ def test_evaluation_of_a_perfect_and_a_blank_reconstruction():
     assert blank["psnr"] < 15
     table = format_evaluation(blank)
     assert "reconstruction PSNR on 10 test pictures" in table and "count" in table
-
-
-def test_command_line_target_vae(tmp_path):
-    """`python -m minisd.training vae` is registered and writes a loadable folder."""
-    folder = tmp_path / "vae"
-    command = [sys.executable, "-m", "minisd.training", "vae", "--steps", "2", "--batch-size", "4",
-               "--device", "cpu", "--no-progress", "--out-dir", "none", "--output", str(folder),
-               "--block-out-channels", "8", "16", "--norm-num-groups", "4", "--crop-size", "16",
-               "--full-steps", "1", "--full-batch-size", "4", "--train-samples", "16",
-               "--scale-samples", "8", "--eval-samples", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert run.returncode == 0, run.stderr
-    assert "crops: 2 steps" in run.stdout and "whole pictures: 1 steps" in run.stdout
-    assert "saved" in run.stdout
-    vae = AutoencoderKL.from_pretrained(folder)
-    assert vae.config.block_out_channels == (8, 16)
 
 
 # The interpolation picture

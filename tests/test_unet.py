@@ -229,5 +229,15 @@ def test_foreign_or_broken_checkpoints_fail_naming_the_keys(tmp_path):
     assert "1 shape mismatches: conv_out.bias (5,) (model: (4,))" in message
 
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors not found"):
+    with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
         UNet2DConditionModel.from_pretrained(tmp_path)
+
+
+def test_forward_reads_no_values_from_the_device():
+    """The checks at the entry look at shapes only: the U-Net runs on the `meta` device,
+    where reading a tensor's value (.item(), bool()) raises, with every form of timestep."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(SMALL)
+        sample, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 7, SMALL.cross_attention_dim)
+    for t in (10, 10.5, torch.tensor(10, device="meta"), torch.zeros(2, device="meta")):
+        assert model(sample, t, context).shape == (2, 4, 8, 8)

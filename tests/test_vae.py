@@ -195,14 +195,14 @@ def test_bad_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         AutoencoderKL.from_pretrained(tmp_path)
     AutoencoderKL(AutoencoderKLConfig(**SMALL)).save_pretrained(tmp_path / "vae")
-    with pytest.raises(FileNotFoundError, match="subfolder='vae'"):
-        AutoencoderKL.from_pretrained(tmp_path)
+    # a model folder passed alone: its vae/ is found, as with subfolder="vae"
+    assert AutoencoderKL.from_pretrained(tmp_path).config == AutoencoderKLConfig(**SMALL)
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         AutoencoderKL.from_pretrained(tmp_path / "vae")
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
         AutoencoderKL.from_pretrained(tmp_path / "vae")
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')

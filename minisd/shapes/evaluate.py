@@ -62,7 +62,6 @@ FILL_RANGE = (0.4, 1.05)  # no shape of the world fills less of its box
 ASPECT_RANGE = (0.67, 1.5)  # every shape of the world has a square box
 SIZE_THRESHOLD = sum(SIZES.values()) / 2  # px: box side below → small
 SIZE_RANGE = (4.0, 28.0)  # box sides outside this are no size of the world
-GUIDANCE_SCALE = 4.0  # classifier-free guidance of `--model` runs (the bundled model's card)
 ATTRIBUTES = ("count", "colour", "shape", "size", "position", "background", "relation",
               "binding", "overall")
 
@@ -349,12 +348,13 @@ def judge_dataset(split: str = "test", num_samples: int = 2000, seed: int = 0,
     return summarise(scores, held_out)
 
 
-def pipeline_generate_fn(pipe, num_inference_steps: int = 25,
-                         guidance_scale: float = GUIDANCE_SCALE, seed: int = 0,
+def pipeline_generate_fn(pipe, num_inference_steps: int | None = None,
+                         guidance_scale: float | None = None, seed: int = 0,
                          scheduler: str | None = None):
     """A `generate_fn` for `evaluate` from a `minisd.pipeline.StableDiffusionPipeline`: the
     k-th caption it is given (counting over calls) gets the noise of seed `seed + k`, so a
-    picture does not depend on the batch size. Returns tensors (B, 3, H, W) in [−1, 1]."""
+    picture does not depend on the batch size. Steps and guidance default to the model's own
+    (`pipe.sampling_defaults`). Returns tensors (B, 3, H, W) in [−1, 1]."""
     done = 0
 
     def generate(captions: list[str]) -> torch.Tensor:
@@ -368,15 +368,16 @@ def pipeline_generate_fn(pipe, num_inference_steps: int = 25,
     return generate
 
 
-def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int = 25,
-                   guidance_scale: float = GUIDANCE_SCALE, seed: int = 0,
+def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int | None = None,
+                   guidance_scale: float | None = None, seed: int = 0,
                    scheduler: str | None = None, prompt_seed: int = 0, batch_size: int = 50,
                    device=None, progress: bool = True, print_table: bool = True) -> dict:
     """Judge a text-to-image model on `minisd.shapes.world.evaluation_prompts(num_prompts,
     prompt_seed)`: the bundled model by default, or a model folder (anything
     `StableDiffusionPipeline.from_pretrained` loads). Pictures at the U-Net's native size,
     `num_inference_steps` of the folder's scheduler (or `scheduler`, a name) with
-    classifier-free guidance `guidance_scale`, prompt k with seed `seed + k`.
+    classifier-free guidance `guidance_scale` (both by default the model's own sampling
+    defaults, from its model_index.json), prompt k with seed `seed + k`.
     Returns the dict of `evaluate`."""
     from minisd.pipeline import StableDiffusionPipeline
     from minisd.shapes.world import evaluation_prompts
@@ -391,7 +392,7 @@ def evaluate_model(model=None, num_prompts: int = 200, num_inference_steps: int 
 def main(argv=None):
     """`python -m minisd.shapes.evaluate --dataset [--split test] [--num-samples 2000] [--seed 0]
     [--json PATH]` measures the judge on real samples; `python -m minisd.shapes.evaluate --model
-    data/minisd-shapes [--num-prompts 200] [--steps 25] [--guidance 4] [--scheduler NAME]
+    data/minisd-shapes [--num-prompts 200] [--steps N] [--guidance S] [--scheduler NAME]
     [--seed 0] [--json PATH]` judges a model's pictures for the test prompts."""
     parser = argparse.ArgumentParser(prog="python -m minisd.shapes.evaluate", description=(
         "Prompt adherence on the shapes world, judged by image analysis."))
@@ -406,17 +407,19 @@ def main(argv=None):
                         help="--dataset: the world's seed; --model: the seed of the first "
                              "prompt's noise (prompt k uses seed + k)")
     parser.add_argument("--num-prompts", type=int, default=200, help="--model: test prompts")
-    parser.add_argument("--steps", type=int, default=25, help="--model: denoising steps")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE,
-                        help="--model: classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="--model: denoising steps (default: the model's own)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="--model: classifier-free guidance scale (default: the model's own)")
     parser.add_argument("--scheduler", default=None,
                         help="--model: ddim, euler, dpmpp_2m, … (default: the model's own)")
     parser.add_argument("--device", default=None, help="--model: cpu, cuda, mps (default: best)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.model is not None:
-        print(f"{args.model}: {args.num_prompts} test prompts, {args.steps} steps, guidance "
-              f"{args.guidance}, scheduler {args.scheduler or 'of the model'}, seed {args.seed}")
+        print(f"{args.model}: {args.num_prompts} test prompts, {args.steps or 'the model’s'} "
+              f"steps, guidance {args.guidance or 'of the model'}, scheduler "
+              f"{args.scheduler or 'of the model'}, seed {args.seed}")
         results = evaluate_model(args.model, args.num_prompts, args.steps, args.guidance,
                                  args.seed, args.scheduler, device=args.device)
     else:

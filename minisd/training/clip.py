@@ -1,6 +1,7 @@
 """Training the bundled CLIP on the shapes world, and measuring what it learned.
 
-`python -m minisd.training clip` does, in order:
+`python -m minisd.training clip` does, in order (every setting a field of `CLIPTrainConfig`, and a
+command-line option of the same name):
 
 1. learns a BPE vocabulary from the captions of the train split (`learn_bpe`: 155 merges,
    after which every word of the world is one token) — the tokenizer of the bundled model;
@@ -8,7 +9,7 @@
    the U-Net; a convolutional image tower) and trains it with the shared loop
    (`minisd.training.loop.train`) on (picture, caption) pairs with CLIP's symmetric InfoNCE loss,
    1,000 steps of 128 pairs, a quarter of the pictures shown in grey (`contrastive_loss`);
-3. saves ``tokenizer/``, ``text_encoder/`` and ``clip_image/`` into the bundled model folder
+3. saves ``tokenizer/``, ``text_encoder/`` and ``clip_image/`` into the model folder `output`
    and prints the evaluation below.
 
 Captions are tokenised to 77 ids, as SD does, then cut to the longest caption of the batch
@@ -29,26 +30,85 @@ everything else as in the picture) are ranked by similarity — CLIP's zero-shot
 (prompt ensembling, §3.1.4). `retrieval` measures text→image recall@1 among test pairs.
 """
 
-import argparse
 import functools
+import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from minisd.clip_contrastive import CLIPConfig, CLIPImageConfig, CLIPModel, clip_loss
-from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
-from minisd.shapes.world import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, ShapesDataset
-from minisd.text_encoder import CLIPTextConfig
+from minisd.shapes.world import (
+    ALL_PAIRS,
+    COLOURS,
+    INVERSE,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    ShapesDataset,
+    binding_swaps,
+    describe,
+    sample_scene,
+)
+from minisd.text_encoder import CLIPTextConfig, CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer, learn_bpe
-from minisd.training.loop import TrainConfig, init_distributed, register, train
+from minisd.training.loop import TrainConfig, init_distributed, train
 
-BUNDLED = data_dir() / BUNDLED_MODEL_NAME
+
+@dataclass
+class CLIPTrainConfig(TrainConfig):
+    """Everything that decides the bundled CLIP's training: the loop's settings
+    (`TrainConfig`, with this recipe's defaults) and the recipe's own, each also a
+    command-line option.
+
+    Raises ValueError naming the field for a value out of range.
+    """
+
+    # the loop's settings, with this recipe's defaults (their help is TrainConfig's)
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    out_dir: str | None = "runs/clip"
+    name: str = "clip"
+    # the recipe's own
+    output: str | None = field(default="runs/minisd-shapes", metadata={
+        "help": "model folder to write tokenizer/, text_encoder/ and clip_image/ into "
+                "('none': do not save)"})
+    vocab_captions: int = field(default=20_000, metadata={
+        "help": "train captions the BPE vocabulary is learned from"})
+    hidden_size: int = field(default=128, metadata={
+        "help": "width of the text tower (the U-Net's cross_attention_dim)"})
+    num_hidden_layers: int = field(default=3, metadata={"help": "layers of the text tower"})
+    num_attention_heads: int = field(default=4, metadata={
+        "help": "attention heads of the text tower"})
+    projection_dim: int = field(default=64, metadata={
+        "help": "width of the joint text–image space"})
+    grayscale_p: float = field(default=0.25, metadata={
+        "help": "probability of showing a training picture in grey"})
+    hard_negatives: bool = field(default=True, metadata={
+        "help": "score each picture also against a caption it contradicts (its own words "
+                "with the binding, relation, colour, shape or position changed)"})
+    eval_images: int = field(default=1000, metadata={
+        "help": "one-object test pictures for the zero-shot accuracies (0: no evaluation)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        need = self._need
+        for name in ("vocab_captions", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "projection_dim"):
+            need(getattr(self, name) >= 1, name, "at least 1")
+        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+             "a divisor of hidden_size")
+        need(0 <= self.grayscale_p <= 1, "grayscale_p", "in [0, 1]")
+        need(self.eval_images >= 0, "eval_images", "non-negative")
 
 
 def caption_corpus(num_captions: int = 20_000, seed: int = 0) -> list[str]:
@@ -63,13 +123,13 @@ def learn_tokenizer(num_captions: int = 20_000, seed: int = 0) -> CLIPTokenizer:
     return CLIPTokenizer.from_merges(learn_bpe(caption_corpus(num_captions, seed)))
 
 
-def small_clip_config(tokenizer: CLIPTokenizer, hidden_size: int = 128,
-                      num_hidden_layers: int = 3, num_attention_heads: int = 4,
-                      projection_dim: int = 64,
+def small_clip_config(tokenizer: CLIPTokenizer, hidden_size: int, num_hidden_layers: int,
+                      num_attention_heads: int, projection_dim: int,
                       image_config: CLIPImageConfig | None = None) -> CLIPConfig:
-    """The bundled CLIP's configuration for a learned vocabulary: a text tower of
-    `hidden_size` (the U-Net's cross_attention_dim) with an MLP of 4× that, 77 positions,
-    quick_gelu as in SD v1; `image_config` (default: the default image tower)."""
+    """A small CLIP's configuration for a learned vocabulary (the bundled one: the defaults of
+    `CLIPTrainConfig`): a text tower of `hidden_size` (the U-Net's cross_attention_dim) with
+    an MLP of 4× that, 77 positions, quick_gelu as in SD v1; `image_config` (default: the
+    default image tower)."""
     text = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size,
                           intermediate_size=4 * hidden_size, projection_dim=projection_dim,
                           num_hidden_layers=num_hidden_layers,
@@ -89,16 +149,32 @@ def tokenize_cropped(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Ten
     return ids[:, :int(ends.max()) + 1]
 
 
+class WithNegatives(Dataset):
+    """The shapes world's (picture, caption) pairs with a third item: a caption the picture
+    contradicts (`ShapesDataset.negative_prompt`), for `contrastive_loss`'s hard negatives."""
+
+    def __init__(self, dataset: ShapesDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        return *self.dataset[i], self.dataset.negative_prompt(i).caption
+
+
 class TokenizeCollate:
-    """DataLoader collate: [(picture, caption)] → (pictures (B, 3, 64, 64), ids (B, L)) with
-    `tokenize_cropped` ids. Picklable, so DataLoader workers can use it."""
+    """DataLoader collate: [(picture, caption, …)] → (pictures (B, 3, 64, 64), ids (B, L), …)
+    with `tokenize_cropped` ids for every caption column (one length for all). Picklable, so
+    DataLoader workers can use it."""
 
     def __init__(self, tokenizer: CLIPTokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, samples):
-        pictures, captions = default_collate(samples)
-        return pictures, tokenize_cropped(self.tokenizer, list(captions))
+        pictures, *columns = default_collate(samples)
+        ids = tokenize_cropped(self.tokenizer, [c for column in columns for c in column])
+        return pictures, *ids.split(len(pictures))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +197,14 @@ def grayscale(pictures: torch.Tensor) -> torch.Tensor:
 
 def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[str, torch.Tensor]:
     """`train`'s loss_fn: clip_loss over the global batch (features gathered across
-    processes). batch = (pictures (b, 3, 64, 64), ids (b, L)) of this process.
+    processes). batch = (pictures (b, 3, 64, 64), ids (b, L)) of this process, or
+    (pictures, ids, negative ids (b, L)) with a hard negative caption per picture.
+
+    With hard negatives each picture's row of the picture → caption cross-entropy gets one
+    more column, the similarity to its own contradicting caption (Yuksekgonul et al. 2023,
+    §5, "NegCLIP"): the loss falls only if the text tower tells "a red circle left of a blue
+    square" from its swapped forms, which a bag of words cannot. The caption → picture
+    direction is unchanged.
 
     With `grayscale_p` > 0 each picture is shown in grey with that probability, its caption
     unchanged (random grayscale, as in SimCLR, Chen et al. 2020, App. A): to match such a
@@ -131,7 +214,7 @@ def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[
 
     Returns {'loss', 'logit_scale' (exp t, the inverse temperature), 'accuracy' (share of
     captions whose own picture scores highest in the batch)}."""
-    pictures, ids = batch
+    pictures, ids, *negative_ids = batch
     if grayscale_p > 0:
         grey = torch.rand(len(pictures), device=pictures.device) < grayscale_p
         pictures = torch.where(grey.view(-1, 1, 1, 1), grayscale(pictures), pictures)
@@ -139,8 +222,16 @@ def contrastive_loss(model: CLIPModel, batch, grayscale_p: float = 0.0) -> dict[
     text_embeds = _gather(F.normalize(model.get_text_features(ids), dim=-1))
     logits = model.similarity_logits(text_embeds, image_embeds)   # (B, B), global batch
     labels = torch.arange(len(logits), device=logits.device)
-    return {"loss": clip_loss(logits), "logit_scale": model.logit_scale.exp().detach(),
-            "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+    terms = {"accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+    if not negative_ids:
+        loss = clip_loss(logits)
+    else:
+        negatives = _gather(F.normalize(model.get_text_features(negative_ids[0]), dim=-1))
+        own_negative = model.similarity_logits(negatives, image_embeds).diagonal()  # (B,)
+        per_picture = torch.cat([logits.T, own_negative[:, None]], dim=1)          # (B, B + 1)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(per_picture, labels)) / 2
+        terms["negative_wins"] = (own_negative >= logits.diagonal()).float().mean()
+    return {"loss": loss, "logit_scale": model.logit_scale.exp().detach(), **terms}
 
 
 # ---- evaluation ----
@@ -239,9 +330,6 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, dataset: Shap
     return result
 
 
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 def shows(scene: Scene, stated: Scene) -> bool:
     """True if picture `scene` shows everything the prompt attributes `stated` say
     (None = not said), reading a two-object relation either way round."""
@@ -286,53 +374,88 @@ def evaluate_clip(model: CLIPModel, tokenizer: CLIPTokenizer, num_images: int = 
             **retrieval(model, tokenizer, test, 100)}
 
 
-# ---- the command line: python -m minisd.training clip ----
+@torch.no_grad()
+def binding_similarity(text_model: CLIPTextModel, tokenizer: CLIPTokenizer,
+                       num_scenes: int = 300, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much of a bag of words the text tower is: for `num_scenes` two-object scenes (all
+    colour–shape pairs) captioned as the world does, the mean cosine similarity between the
+    caption and the same words bound another way (`binding_swaps`: relation reversed,
+    colours swapped, shapes swapped), read at the pooled end-of-text vector ("pooled") and
+    over the whole context the U-Net reads ("context", the (77, D) last hidden state
+    flattened); "unrelated" pairs two different scenes, for scale. A bag of words scores
+    1.0 on every swap. Returns {kind: {"pooled": cos, "context": cos}}."""
+    captions = {kind: [] for kind in ("caption", "relation", "colours", "shapes")}
+    for i in range(num_scenes):
+        rng = random.Random(f"binding/{seed}/{i}")
+        scene, _ = sample_scene(rng, ALL_PAIRS, two_objects=True)
+        state = rng.getstate()
+        for kind, version in {"caption": scene, **binding_swaps(scene)}.items():
+            rng.setstate(state)   # the same template and words for every version
+            captions[kind].append(describe(version, rng).caption)
+    text_model.eval()
+    vectors = {}  # kind → {"pooled": (N, D), "context": (N, 77·D)}
+    for kind, texts in captions.items():
+        out = text_model(tokenizer(texts))
+        vectors[kind] = {"pooled": out.pooler_output, "context": out.last_hidden_state.flatten(1)}
+    half = num_scenes // 2
+    pairs = {kind: (vectors["caption"], vectors[kind]) for kind in ("relation", "colours", "shapes")}
+    pairs["unrelated"] = ({k: v[:half] for k, v in vectors["caption"].items()},
+                          {k: v[half:2 * half] for k, v in vectors["caption"].items()})
+    return {kind: {read: F.cosine_similarity(a[read], b[read]).mean().item()
+                   for read in ("pooled", "context")} for kind, (a, b) in pairs.items()}
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default=str(BUNDLED),
-                        help="model folder to write tokenizer/, text_encoder/, clip_image/ into")
-    parser.add_argument("--vocab-captions", type=int, default=20_000,
-                        help="train captions the BPE vocabulary is learned from")
-    parser.add_argument("--text-width", type=int, default=128,
-                        help="text tower width (the U-Net's cross_attention_dim)")
-    parser.add_argument("--text-layers", type=int, default=3, help="text tower layers")
-    parser.add_argument("--projection-dim", type=int, default=64,
-                        help="width of the joint text–image space")
-    parser.add_argument("--grayscale", type=float, default=0.25,
-                        help="probability of showing a training picture in grey")
-    parser.add_argument("--eval-images", type=int, default=1000,
-                        help="one-object test pictures for the zero-shot accuracies (0: none)")
+
+# ---- the recipe ----
+
+@dataclass
+class CLIPTrainResult:
+    """What `train_clip` returns on rank 0: the trained model (CPU, eval mode), its learned
+    tokenizer, the loop's per-step history and the minutes it took."""
+
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+    history: dict[str, list[float]]
+    minutes: float
 
 
-@register("clip", help="learn the BPE vocabulary of the shapes world's captions and train the "
-                       "bundled CLIP (text and image towers) contrastively",
-          defaults=TrainConfig(steps=1000, batch_size=128, lr=2e-3, warmup_steps=100,
-                               weight_decay=0.1, out_dir="runs/clip", checkpoint_every=500,
-                               name="clip"),
-          add_arguments=_add_arguments)
-def train_clip(config: TrainConfig, args: argparse.Namespace):
-    """Learn the vocabulary, train, save into `args.output` and print the evaluation
-    (rank 0 only under torchrun). Returns (model, tokenizer, metrics)."""
+def train_clip(config: CLIPTrainConfig) -> CLIPTrainResult | None:
+    """Learn the vocabulary, train the model and save it into `config.output` (module
+    docstring). Writes nothing to stdout (`run` prints and evaluates).
+
+    Returns a CLIPTrainResult on rank 0; None on the other ranks of a torchrun run.
+    Raises ValueError as `train` does."""
     start = time.perf_counter()
-    tokenizer = learn_tokenizer(args.vocab_captions, config.seed)
+    tokenizer = learn_tokenizer(config.vocab_captions, config.seed)
     torch.manual_seed(config.seed)
-    model = CLIPModel(small_clip_config(tokenizer, args.text_width, args.text_layers,
-                                        projection_dim=args.projection_dim))
-    loss_fn = functools.partial(contrastive_loss, grayscale_p=args.grayscale)
-    result = train(model, loss_fn, ShapesDataset("train", seed=config.seed), config,
+    model = CLIPModel(small_clip_config(tokenizer, config.hidden_size, config.num_hidden_layers,
+                                        config.num_attention_heads, config.projection_dim))
+    loss_fn = functools.partial(contrastive_loss, grayscale_p=config.grayscale_p)
+    data = ShapesDataset("train", seed=config.seed)
+    result = train(model, loss_fn, WithNegatives(data) if config.hard_negatives else data, config,
                    collate_fn=TokenizeCollate(tokenizer))
-    minutes = (time.perf_counter() - start) / 60
     if init_distributed().rank != 0:
-        return result.model, tokenizer, {}
+        return None
     model = result.model.cpu().eval()
-    tokenizer.save_pretrained(Path(args.output) / "tokenizer")
-    model.save_pretrained(args.output)
+    if config.output is not None:
+        tokenizer.save_pretrained(Path(config.output) / "tokenizer")
+        model.save_pretrained(config.output)
+    return CLIPTrainResult(model, tokenizer, result.history,
+                           (time.perf_counter() - start) / 60)
+
+
+def run(config: CLIPTrainConfig) -> CLIPTrainResult | None:
+    """`python -m minisd.training clip`: `train_clip`, then (rank 0) print a summary and the
+    evaluation (`evaluate_clip` on `eval_images` pictures)."""
+    result = train_clip(config)
+    if result is None:
+        return None
     last = result.history["loss"][-100:]
-    print(f"clip: {result.step} steps in {minutes:.1f} min; vocabulary {tokenizer.vocab_size} "
-          f"tokens ({len(tokenizer.merges)} merges); mean loss of the last {len(last)} steps "
-          f"{sum(last) / len(last):.4f}; saved to {args.output}")
-    metrics = evaluate_clip(model, tokenizer, args.eval_images, config.seed) \
-        if args.eval_images else {}
-    for name, value in metrics.items():
-        print(f"  {name:<20} {value:.3f}")
-    return model, tokenizer, metrics
+    saved = f"; saved to {config.output}" if config.output is not None else ""
+    print(f"clip: {len(result.history['loss'])} steps in {result.minutes:.1f} min; vocabulary "
+          f"{result.tokenizer.vocab_size} tokens ({len(result.tokenizer.merges)} merges); mean "
+          f"loss of the last {len(last)} steps {sum(last) / len(last):.4f}{saved}")
+    if config.eval_images:
+        for name, value in evaluate_clip(result.model, result.tokenizer, config.eval_images,
+                                         config.seed).items():
+            print(f"  {name:<20} {value:.3f}")
+    return result

@@ -1,4 +1,4 @@
-"""The one training loop of minisd, shared by the VAE, CLIP and U-Net trainers; its command line.
+"""The one training loop of minisd, shared by the VAE, CLIP and U-Net recipes.
 
 `train(model, loss_fn, data, config)` runs `config.steps` optimiser steps of
 
@@ -32,30 +32,26 @@ Because the order depends only on (seed, epoch), a resumed run picks up at the r
 with seed + rank and saved in checkpoints; randomness inside the dataset should depend on
 the index only (or use num_workers=0) for resume to stay exact.
 
-Command line: `python -m minisd.training <what> [options]`, one sub-command per trainer, each
-with the `TrainConfig` options (defaults chosen by the trainer) and its own. Trainers join
-with the `register` decorator; `toy` fits a linear map, a check of the machinery.
+The recipes (`minisd.training.vae`, `.clip`, `.unet`) extend `TrainConfig` with their own
+settings and defaults; `python -m minisd.training` (`minisd.training.__main__`) is their
+command line.
 """
 
-import argparse
 import math
 import os
 import re
 import shutil
-import types
-import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from minisd.training.ema import EMA
@@ -65,7 +61,9 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run; each field is also a command-line option.
+    """Everything that decides a training run of the loop. The recipes subclass it, adding
+    their own fields and redeclaring some of these with their own defaults; every field is
+    a command-line option (`python -m minisd.training`), its help in the field's metadata.
 
     Raises ValueError naming the field for a value out of range or an unknown schedule.
     """
@@ -105,10 +103,7 @@ class TrainConfig:
     name: str = field(default="train", metadata={"help": "label of the progress bar"})
 
     def __post_init__(self):
-        def need(ok, name, what):
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
+        need = self._need
         need(self.steps >= 1, "steps", "at least 1")
         need(self.batch_size >= 1, "batch_size", "at least 1")
         need(self.lr > 0, "lr", "positive")
@@ -126,6 +121,12 @@ class TrainConfig:
         need(self.log_every >= 1, "log_every", "at least 1")
         need(not self.resume or self.out_dir is not None, "resume",
              "False when out_dir is None (there is nowhere to resume from)")
+
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        """Raise ValueError "<class>.<name> must be <what>, got <value>" unless `ok`."""
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{name} must be {what}, "
+                             f"got {getattr(self, name)!r}")
 
 
 # The fields that change the weights a run ends with; a resume warns when they differ.
@@ -476,122 +477,3 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer, ema: EMA | None,
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-# The command line: python -m minisd.training <what> [options]
-
-@dataclass
-class Target:
-    """A sub-command of `python -m minisd.training`: `run(config, args)` trains one model."""
-
-    run: Callable[[TrainConfig, argparse.Namespace], object]
-    help: str
-    defaults: TrainConfig
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-
-
-TARGETS: dict[str, Target] = {}
-
-
-def register(name: str, help: str, defaults: TrainConfig,
-             add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Decorator: make `run(config, args)` the trainer behind `python -m minisd.training <name>`.
-
-    `defaults` gives the trainer's own TrainConfig defaults (every field is an option);
-    `add_arguments(parser)` adds the trainer's own options, read back from `args`.
-    Raises ValueError when `name` is taken.
-    """
-    if name in TARGETS:
-        raise ValueError(f"a trainer named {name!r} is already registered")
-
-    def decorator(run):
-        TARGETS[name] = Target(run, help, defaults, add_arguments)
-        return run
-    return decorator
-
-
-def _option_type(annotation) -> Callable[[str], object]:
-    """argparse `type` for int, float, str and their `| None` forms ('none' → None)."""
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) and type(None) in args:
-        base = next(a for a in args if a is not type(None))
-        return lambda text: None if text.lower() == "none" else base(text)
-    return annotation
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """Add one option per TrainConfig field (--batch-size …), defaulting to `defaults`."""
-    for f in fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f.metadata["help"])
-        elif f.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, default=default,
-                                metavar=("BETA1", "BETA2"), help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=_option_type(f.type), default=default,
-                                choices=f.metadata.get("choices"), help=f.metadata["help"])
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed options (validated by TrainConfig)."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    return TrainConfig(**{**values, "betas": tuple(values["betas"])})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of `python -m minisd.training`, one sub-command per registered trainer."""
-    parser = argparse.ArgumentParser(
-        prog="python -m minisd.training",
-        description="Train minisd's models. The same command runs under "
-                    "`torchrun --nproc_per_node=N` on N processes (DDP).")
-    commands = parser.add_subparsers(dest="what", required=True, metavar="<what>")
-    for name, target in TARGETS.items():
-        sub = commands.add_parser(name, help=target.help, description=target.help,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_config_arguments(sub, target.defaults)
-        if target.add_arguments is not None:
-            target.add_arguments(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: parse `argv`, run the chosen trainer, leave the process group."""
-    args = build_parser().parse_args(argv)
-    try:
-        TARGETS[args.what].run(config_from_args(args), args)
-    finally:
-        close_distributed()
-
-
-def _toy_data(n: int = 1024, seed: int = 0) -> tuple[TensorDataset, torch.Tensor, torch.Tensor]:
-    """x (n, 8) ~ N(0, 1); y = x·W + b + 0.01·noise, (n, 2); returns (data, W, b)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    w, b = torch.randn(8, 2, generator=g), torch.randn(2, generator=g)
-    return TensorDataset(x, x @ w + b + 0.01 * torch.randn(n, 2, generator=g)), w, b
-
-
-def _mse(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.mse_loss(model(x), y)
-
-
-@register("toy", help="fit a linear map y = x·W + b to 1,024 noisy samples: a check of the "
-                      "loop, its checkpoints and torchrun",
-          defaults=TrainConfig(steps=200, batch_size=64, lr=0.05, warmup_steps=10,
-                               weight_decay=0.0, out_dir="runs/toy", checkpoint_every=100,
-                               name="toy"))
-def _train_toy(config: TrainConfig, args: argparse.Namespace) -> TrainResult:
-    data, w, b = _toy_data(seed=config.seed)
-    torch.manual_seed(config.seed)
-    result = train(nn.Linear(8, 2), _mse, data, config)
-    if init_distributed().rank == 0:
-        error = max((result.model.weight.detach().cpu().T - w).abs().max().item(),
-                    (result.model.bias.detach().cpu() - b).abs().max().item())
-        print(f"toy: loss {result.history['loss'][-1]:.3g} after {result.step} steps, "
-              f"largest error in W and b {error:.3g}")
-    return result
-
-

@@ -1,7 +1,8 @@
-"""The recipe of the bundled U-Net: Stable Diffusion's noise predictor, trained on the shapes world.
+"""The recipe of the bundled U-Net: Stable Diffusion's denoiser, trained on the shapes world.
 
-`python -m minisd.training unet` trains ε_θ(z_t, t, c) as latent diffusion does (Rombach et al.
-2022, §3.3, eq. 2), on top of the bundled VAE and text encoder, which stay frozen:
+`python -m minisd.training unet` trains the U-Net as latent diffusion does (Rombach et al.
+2022, §3.3, eq. 2), on top of the bundled VAE and text encoder, which stay frozen. Every
+setting is a field of `UNetTrainConfig` (and a command-line option of the same name):
 
 1. encode the training set once: every picture through the VAE's encoder, a latent sampled
    from q(z | x) and scaled, z_0 = (z − shift_factor)·scaling_factor (B, 4, 16, 16), and
@@ -9,103 +10,196 @@
    (B, 77, D) is the U-Net's context c. Both are cached in float16 under `cache_dir`,
    keyed by the weights and the data, so a rerun or a resumed run skips this step;
 2. every training step (Ho et al. 2020, Algorithm 1): t ~ U{0, …, T−1} and ε ~ N(0, I)
-   per sample, z_t = √ᾱ_t·z_0 + √(1 − ᾱ_t)·ε on SD v1's schedule (scaled_linear, β from
-   0.00085 to 0.012, T = 1000), and the loss ‖ε − ε_θ(z_t, t, c)‖² (eq. 14, "L_simple");
-3. with probability 0.1 a caption is replaced by the empty prompt's context, so the same
-   network also predicts the unconditional noise that classifier-free guidance needs
-   (Ho & Salimans 2022, §3.2, p_uncond);
-4. the shared loop (`minisd.training.loop.train`): AdamW, warm-up + cosine, gradient clipping, an EMA
-   of the weights (the EMA is what gets saved), progress bar, resumable checkpoints;
-5. write `unet/` (diffusers layout, float16), `scheduler/scheduler_config.json` (DDIM on
-   the training schedule, with SD v1's DDIM settings) and `model_index.json` into the model
-   folder, and the loss curve as `unet_loss.png`.
+   per sample, z_t = √ᾱ_t·z_0 + √(1 − ᾱ_t)·ε, and a squared error against the target of
+   `prediction_type`: the velocity v = √ᾱ_t·ε − √(1 − ᾱ_t)·z_0 (`v_prediction_loss`,
+   Salimans & Ho 2022, §4; the default) or the noise ε (`noise_prediction_loss`, eq. 14);
+3. the schedule is SD v1's (scaled_linear, β from 0.00085 to 0.012, T = 1000,
+   `minisd.schedulers.SD_V1_SCHEDULER_CONFIG`) rescaled to zero terminal SNR
+   (`rescale_betas_zero_snr`, Lin et al. 2023, Algorithm 1): ᾱ_T = 0, so the last
+   timestep holds no trace of the picture. On SD v1's own schedule √ᾱ at t = 999 is 0.068,
+   the picture's mean survives in z_T, the model learns to read the background from the
+   noise, and at sampling time reads it from random noise (measured in issue 14: border
+   brightness vs the noise's mean, correlation 0.944; vs the prompt's background, 0.005).
+   With ᾱ_T = 0, ε-prediction cannot give back z_0 at t = T, hence v-prediction;
+4. with probability `uncond_prob` a caption is replaced by the empty prompt's context, so
+   the same network also predicts the unconditional output that classifier-free guidance
+   needs (Ho & Salimans 2022, §3.2, p_uncond);
+5. the shared loop (`minisd.training.loop.train`): AdamW, warm-up + cosine, gradient clipping,
+   an EMA of the weights (the EMA is what gets saved), progress bar, resumable checkpoints;
+6. write `unet/` (diffusers layout, float16), `scheduler/scheduler_config.json` and
+   `model_index.json` into the model folder, and the loss curve as `unet_loss.png`. The
+   scheduler is DDIM on the training schedule with `prediction_type`, trailing timestep
+   spacing (the first step starts at t = T−1, where zero terminal SNR put pure noise;
+   Lin et al. 2023, §3.3), steps_offset 0, set_alpha_to_one false and no clipping;
+   `model_index.json` carries `_sampling_defaults` (`guidance_scale`, 25 steps), which the
+   pipeline and the command line use.
 
-The network (`bundled_unet_config`): three levels of 24, 48, 48 channels at 16×16, 8×8 and
-4×4, one ResNet block per level, 0.9 M parameters. At 16×16 the transformer blocks attend
-only to the text (`only_cross_attention`): self-attention over 256 pixel tokens took most of
-a CPU training step, cross-attention to 77 words is cheap. 8×8 and the
-4×4 middle have self- and cross-attention. On a 2-core CPU the number of optimisation steps
-decides quality more than width, so the model is small and the run long.
+The network (`unet_config`): three levels of 24, 48, 48 channels at 16×16, 8×8 and 4×4, one
+ResNet block per level, self- and cross-attention at the first two levels and in the middle
+(`only_cross_attention` False everywhere: issue 14's run A, with self-attention at 16×16,
+cost 6% more CPU time than text-only attention there and was part of the fix). On a 2-core
+CPU the number of optimisation steps decides quality more than width, so the model is small
+and the run long.
 
-`python -m minisd.training all` trains the whole bundled model in order — `vae`, `clip`,
-`unet`, each with its own defaults — and leaves a complete diffusers folder.
+Threads or processes, on two cores (`python -m minisd.training all` runs this stage one way or
+the other, `AllConfig.unet_launch`). One training step of this U-Net (batch 64), measured with
+`benchmarks/bench_training.py` on the 2-core machine while other work shared it (1-minute load
+average 6–8), median of 3 alternated runs of 20 steps:
+
+| launch | s/step | CPU-s/step |
+|---|---|---|
+| 1 process × 1 thread | 1.67 | 0.71 |
+| 1 process × 2 OpenMP threads | 17.2 | 6.0 |
+| 2 DDP processes × 1 thread (torchrun, gloo, 32 samples each) | 1.16 | 0.78 |
+
+Two OpenMP threads were 10× slower than one: at every parallel region a thread spin-waits
+for its partner, which another program has descheduled, and the spinning burns the CPU time
+(6.0 CPU-s for a step that needs 0.7). Two processes exchange only the gradients (3.5 MB of
+float32, one all-reduce per step) and never wait inside an operation, so contention slows them
+no more than one thread. On an idle machine the two launches are about even: a step costs
+0.71 CPU-s on one thread and DDP adds about 10%, so two processes need about 0.39 s/step,
+which is what two threads took for the previous bundled model on a lightly used machine
+(3,600 steps in 23.5 min, model card). Hence `all` launches this stage as two DDP processes
+of one thread each: as fast on an idle machine, much faster on a shared one.
 """
 
-import argparse
 import copy
 import hashlib
 import json
 import os
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from minisd.checkpoints import LIBRARIES, MODEL_INDEX, load_tokenizer
+from minisd.checkpoints import LIBRARIES, MODEL_INDEX
 from minisd.noise import NoiseSchedule
-from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
 from minisd.schedulers import SD_V1_SCHEDULER_CONFIG, DDIMScheduler
 from minisd.shapes.world import ShapesDataset
 from minisd.text_encoder import CLIPTextModel
 from minisd.tokenizer import CLIPTokenizer
-from minisd.training.loop import (
-    TARGETS,
-    TrainConfig,
-    build_parser,
-    config_from_args,
-    init_distributed,
-    register,
-    train,
-)
+from minisd.training.loop import TrainConfig, init_distributed, train
 from minisd.unet import UNet2DConditionConfig, UNet2DConditionModel
 from minisd.vae import AutoencoderKL
 
-BUNDLED_FOLDER = data_dir() / BUNDLED_MODEL_NAME
-UNCOND_PROB = 0.1  # p_uncond of Ho & Salimans 2022: share of captions replaced by ""
-# SD v1's noise schedule and DDIM settings (scheduler_config.json of SD v1.x, DDIM keys)
-SD_V1_SCHEDULE = {key: SD_V1_SCHEDULER_CONFIG[key] for key in
-                  ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
-SD_V1_DDIM = {**SD_V1_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False,
-              "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}
-CACHE_VERSION = 1  # bump when the cached encoding changes meaning
+PREDICTION_TYPES = ("v_prediction", "epsilon")
+SAVE_DTYPES = ("float16", "float32")
+NUM_INFERENCE_STEPS = 25  # the sampling default saved in model_index.json
+CACHE_VERSION = 2  # bump when the cached encoding changes meaning
 
 
-def bundled_unet_config(cross_attention_dim: int = 128,
-                        block_out_channels: tuple[int, ...] = (24, 48, 48),
-                        attention_head_dim: tuple[int, ...] = (1, 2, 2),
-                        norm_num_groups: int = 8, sample_size: int = 16) -> UNet2DConditionConfig:
-    """The bundled U-Net's configuration (module docstring): latents (B, 4, 16, 16), levels
-    of `block_out_channels` with cross-attention blocks at the first two and a plain block at
-    the last; `only_cross_attention` at the first level; heads per level
-    `attention_head_dim` (diffusers reads it as the number of heads); the context width
-    `cross_attention_dim` is the text encoder's hidden size.
+@dataclass
+class UNetTrainConfig(TrainConfig):
+    """Everything that decides the U-Net's training: the loop's settings (`TrainConfig`,
+    with this recipe's defaults) and the recipe's own, each also a command-line option.
 
-    Raises ValueError (from UNet2DConditionConfig) for channels the groups do not divide or
-    per-level tuples of the wrong length.
+    Raises ValueError naming the field for a value out of range, an unknown choice or
+    per-level tuples of different lengths.
     """
-    levels = len(block_out_channels)
+
+    # the loop's settings, with this recipe's defaults (their help is TrainConfig's)
+    steps: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 200
+    ema_decay: float | None = 0.999
+    out_dir: str | None = "runs/unet"
+    name: str = "unet"
+    # the recipe's own
+    output: str | None = field(default="runs/minisd-shapes", metadata={
+        "help": "model folder to write unet/, scheduler/, model_index.json and unet_loss.png "
+                "into ('none': do not save)"})
+    model: str | None = field(default=None, metadata={
+        "help": "model folder holding the trained vae/, text_encoder/ and tokenizer/ "
+                "('none': the --output folder)"})
+    block_out_channels: tuple[int, ...] = field(default=(24, 48, 48), metadata={
+        "help": "channels per level (16×16, 8×8, 4×4 latents)"})
+    attention_head_dim: tuple[int, ...] = field(default=(1, 2, 2), metadata={
+        "help": "attention heads per level (diffusers reads attention_head_dim as heads)"})
+    only_cross_attention: tuple[bool, ...] = field(default=(False, False, False), metadata={
+        "help": "per level: true makes the first attention read the text too (no "
+                "self-attention there)"})
+    prediction_type: str = field(default="v_prediction", metadata={
+        "help": "what the U-Net predicts: v (Salimans & Ho 2022) or the noise ε",
+        "choices": PREDICTION_TYPES})
+    rescale_betas_zero_snr: bool = field(default=True, metadata={
+        "help": "rescale SD v1's schedule to zero terminal SNR (Lin et al. 2023)"})
+    guidance_scale: float = field(default=2.5, metadata={
+        "help": "classifier-free guidance scale saved as the model's sampling default"})
+    two_object_fraction: float = field(default=0.3, metadata={
+        "help": "share of two-object scenes in the training pictures"})
+    train_samples: int = field(default=20_000, metadata={
+        "help": "train pictures encoded once and trained on"})
+    cache_dir: str | None = field(default="runs/unet-cache", metadata={
+        "help": "where the encoded training set is cached ('none': no cache)"})
+    uncond_prob: float = field(default=0.1, metadata={
+        "help": "share of captions replaced by the empty prompt (classifier-free guidance)"})
+    save_dtype: str = field(default="float16", metadata={
+        "help": "dtype of the saved weights", "choices": SAVE_DTYPES})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.attention_head_dim = tuple(self.attention_head_dim)
+        self.only_cross_attention = tuple(self.only_cross_attention)
+        levels = len(self.block_out_channels)
+        self._need(levels >= 2, "block_out_channels", "at least two levels")
+        for name in ("attention_head_dim", "only_cross_attention"):
+            self._need(len(getattr(self, name)) == levels, name,
+                       f"one value per level ({levels}, as block_out_channels)")
+        self._need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
+                   f"one of {', '.join(PREDICTION_TYPES)}")
+        self._need(self.guidance_scale >= 1, "guidance_scale", "at least 1")
+        self._need(0 <= self.two_object_fraction <= 1, "two_object_fraction", "in [0, 1]")
+        self._need(0 <= self.uncond_prob <= 1, "uncond_prob", "in [0, 1]")
+        self._need(self.train_samples >= 1, "train_samples", "at least 1")
+        self._need(self.save_dtype in SAVE_DTYPES, "save_dtype", f"one of {', '.join(SAVE_DTYPES)}")
+        self._need(self.output is not None or self.model is not None, "model",
+                   "a folder when output is None (there is no VAE to read)")
+
+    def noise_schedule(self) -> dict:
+        """The training schedule's config: SD v1's betas, rescaled when
+        `rescale_betas_zero_snr`."""
+        return {**{key: SD_V1_SCHEDULER_CONFIG[key] for key in
+                   ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")},
+                "rescale_betas_zero_snr": self.rescale_betas_zero_snr}
+
+
+def unet_config(config: UNetTrainConfig, cross_attention_dim: int,
+                sample_size: int = 16) -> UNet2DConditionConfig:
+    """The U-Net that `config` trains (module docstring): latents (B, 4, sample_size,
+    sample_size), levels of `block_out_channels` with attention blocks at all but the last
+    (`attention_head_dim` heads, `only_cross_attention` per level), one ResNet block per level,
+    GroupNorm with 8 groups; `cross_attention_dim` is the text encoder's hidden size.
+
+    Raises ValueError (from UNet2DConditionConfig) for channels the groups do not divide.
+    """
+    levels = len(config.block_out_channels)
     cross = [i < levels - 1 for i in range(levels)]
     return UNet2DConditionConfig(
         sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
         up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in cross[::-1]),
-        only_cross_attention=tuple(i == 0 for i in range(levels)),
-        block_out_channels=tuple(block_out_channels), layers_per_block=1,
-        attention_head_dim=tuple(attention_head_dim), norm_num_groups=norm_num_groups,
+        only_cross_attention=config.only_cross_attention,
+        block_out_channels=config.block_out_channels, layers_per_block=1,
+        attention_head_dim=config.attention_head_dim, norm_num_groups=8,
         cross_attention_dim=cross_attention_dim)
 
 
-def bundled_scheduler() -> DDIMScheduler:
-    """The sampler saved with the model: DDIM (Song et al. 2021) on the schedule it was
-    trained with, configured as SD v1's DDIM (leading spacing, steps_offset 1,
-    set_alpha_to_one False, no clipping)."""
-    return DDIMScheduler(**SD_V1_DDIM)
+def sampling_scheduler(config: UNetTrainConfig) -> DDIMScheduler:
+    """The sampler saved with the model: DDIM (Song et al. 2021) on the training schedule,
+    with `prediction_type`, trailing spacing, steps_offset 0, set_alpha_to_one False and no
+    clipping (module docstring)."""
+    return DDIMScheduler(**config.noise_schedule(), prediction_type=config.prediction_type,
+                         timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=False,
+                         clip_sample=False)
 
 
 # ---- encoding the training set once ----
@@ -159,50 +253,60 @@ def load_frozen_parts(model: str | Path, device: str | torch.device = "cpu"
             raise FileNotFoundError(f"{model / part} not found; the U-Net trains on the bundled "
                                     "VAE and text encoder: run `python -m minisd.training vae` and "
                                     "`python -m minisd.training clip` first (or `all`)")
-    vae = AutoencoderKL.from_pretrained(model / "vae").to(device).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", device=device)
-    return vae, text_encoder.requires_grad_(False), load_tokenizer(model / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    vae, text_encoder = (part.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+                         for part in (vae, text_encoder))
+    return vae, text_encoder, CLIPTokenizer.from_pretrained(model / "tokenizer")
 
 
 def cached_encoding(model: str | Path, num_samples: int, seed: int = 0,
-                    cache_dir: str | Path | None = "runs/unet-cache",
+                    two_object_fraction: float = 0.3,
+                    cache_dir: str | Path | None = None,
                     device: str | torch.device = "cpu", progress: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents (N, 4, h, w), context (N, 77, D), empty-prompt context (77, D)), float16, for
-    the first `num_samples` pictures of the train split (seed `seed`), encoded by the parts
-    in the folder `model`.
+    the first `num_samples` pictures of the train split (seed `seed`, `two_object_fraction`),
+    encoded by the parts in the folder `model`.
 
     The file `cache_dir/<key>.safetensors` is reused when the key — a hash of the VAE,
-    text encoder and tokenizer files and of (num_samples, seed) — matches; otherwise the set
-    is encoded (`encode_dataset`) and written there. `cache_dir=None` never caches.
+    text encoder and tokenizer files and of the data's settings — matches; otherwise the set
+    is encoded (`encode_dataset`) and written there. `cache_dir=None` never caches. Under
+    torchrun, rank 0 encodes and writes the file while the others wait, then read it.
     """
+    world = init_distributed()
+    if world.world_size > 1 and cache_dir is not None and world.rank != 0:
+        dist.barrier()  # rank 0 writes the cache first
     model = Path(model)
     files = [model / "vae" / "diffusion_pytorch_model.safetensors",
              model / "text_encoder" / "model.safetensors",
              *sorted((model / "tokenizer").glob("*"))]
     vae, text_encoder, tokenizer = load_frozen_parts(model, device)  # (checks the folder)
-    key = hashlib.sha256(f"{_file_digest(files)}/{num_samples}/{seed}/{CACHE_VERSION}"
-                         .encode()).hexdigest()[:16]
+    settings = f"{num_samples}/{seed}/{two_object_fraction}/{CACHE_VERSION}"
+    key = hashlib.sha256(f"{_file_digest(files)}/{settings}".encode()).hexdigest()[:16]
     path = None if cache_dir is None else Path(cache_dir) / f"shapes-{num_samples}-{key}.safetensors"
     if path is not None and path.is_file():
         cached = load_file(path)
-        return cached["latents"], cached["context"], cached["empty"]
-    dataset = ShapesDataset("train", num_samples, seed=seed)
-    latents, context = encode_dataset(vae, text_encoder, tokenizer, dataset, seed=seed,
-                                      progress=progress)
-    empty = encode_prompts(text_encoder, tokenizer, [""])[0].half().cpu()
-    if path is not None:  # written whole, then renamed: a reader never sees half a file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file({"latents": latents, "context": context, "empty": empty}, partial)
-        os.replace(partial, path)
-    return latents, context, empty
+        encoded = cached["latents"], cached["context"], cached["empty"]
+    else:
+        dataset = ShapesDataset("train", num_samples, seed, two_object_fraction)
+        latents, context = encode_dataset(vae, text_encoder, tokenizer, dataset, seed=seed,
+                                          progress=progress)
+        empty = encode_prompts(text_encoder, tokenizer, [""])[0].half().cpu()
+        encoded = latents, context, empty
+        if path is not None:  # written whole, then renamed: a reader never sees half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            save_file({"latents": latents, "context": context, "empty": empty}, partial)
+            os.replace(partial, path)
+    if world.world_size > 1 and cache_dir is not None and world.rank == 0:
+        dist.barrier()
+    return encoded
 
 
-# ---- the loss ----
+# ---- the loss: one small function per prediction type ----
 
-def drop_captions(context: torch.Tensor, empty: torch.Tensor, prob: float = UNCOND_PROB
-                  ) -> torch.Tensor:
+def drop_captions(context: torch.Tensor, empty: torch.Tensor, prob: float) -> torch.Tensor:
     """Replace each sample's context (B, M, D) by the empty prompt's `empty` (M, D) with
     probability `prob`, independently (torch's global generator). Returns a new tensor;
     `prob` 0 returns `context` itself. Raises ValueError for prob outside [0, 1]."""
@@ -214,34 +318,59 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, prob: float = UNCO
     return torch.where(drop[:, None, None], empty.to(context), context)
 
 
-def noise_prediction_loss(schedule: NoiseSchedule, empty: torch.Tensor,
-                          uncond_prob: float = UNCOND_PROB):
-    """The `loss_fn(unet, batch)` of `minisd.training.loop.train` for ε-prediction.
+def noised_batch(schedule: NoiseSchedule, batch, empty: torch.Tensor, uncond_prob: float):
+    """One training step's draw (Ho et al. 2020, Algorithm 1), from torch's global generator in
+    this order: t ~ U{0, …, T−1} (B,), ε ~ N(0, I) like z_0, the caption dropout.
 
     batch = (latents z_0 (B, 4, h, w), context (B, M, D)), any float dtype (computed in
-    float32). Draws t ~ U{0, …, T−1}, ε ~ N(0, I) and the caption dropout from torch's
-    global generator; returns ‖ε − ε_θ(z_t, t, c)‖² averaged over all elements
-    (Ho et al. 2020, eq. 14).
-    """
+    float32). Returns (z_0, ε, t, z_t = √ᾱ_t·z_0 + √(1 − ᾱ_t)·ε, context with dropout)."""
+    latents, context = (x.float() for x in batch)
+    t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],),
+                      device=latents.device)
+    noise = torch.randn_like(latents)
+    noisy = schedule.add_noise(latents, noise, t)
+    return latents, noise, t, noisy, drop_captions(context, empty, uncond_prob)
+
+
+def noise_prediction_loss(schedule: NoiseSchedule, empty: torch.Tensor, uncond_prob: float = 0.1):
+    """The `loss_fn(unet, batch)` of `minisd.training.loop.train` for ε-prediction:
+    ‖ε − ε_θ(z_t, t, c)‖² averaged over all elements (Ho et al. 2020, eq. 14); the draw is
+    `noised_batch`'s."""
     def loss_fn(unet: UNet2DConditionModel, batch) -> torch.Tensor:
-        latents, context = (x.float() for x in batch)
-        t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device)
-        noise = torch.randn_like(latents)
-        noisy = schedule.add_noise(latents, noise, t)
-        context = drop_captions(context, empty, uncond_prob)
+        _, noise, t, noisy, context = noised_batch(schedule, batch, empty, uncond_prob)
         return F.mse_loss(unet(noisy, t, context), noise)
     return loss_fn
 
 
+def v_prediction_loss(schedule: NoiseSchedule, empty: torch.Tensor, uncond_prob: float = 0.1):
+    """The `loss_fn(unet, batch)` of `minisd.training.loop.train` for v-prediction:
+    ‖v − v_θ(z_t, t, c)‖² with v = √ᾱ_t·ε − √(1 − ᾱ_t)·z_0, averaged over all elements
+    (Salimans & Ho 2022, §4); the draw is `noised_batch`'s. At ᾱ_t = 0 (zero terminal SNR)
+    z_t = ε holds no picture: the ε target would be z_t itself, v = −z_0 asks for the picture."""
+    def loss_fn(unet: UNet2DConditionModel, batch) -> torch.Tensor:
+        latents, noise, t, noisy, context = noised_batch(schedule, batch, empty, uncond_prob)
+        alpha_bar = schedule.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+        v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+        return F.mse_loss(unet(noisy, t, context), v)
+    return loss_fn
+
+
+LOSSES = {"epsilon": noise_prediction_loss, "v_prediction": v_prediction_loss}
+
+
 # ---- the recipe ----
 
-def write_model_index(folder: str | Path, scheduler_class: str = "DDIMScheduler") -> Path:
-    """Write `model_index.json` naming diffusers' / transformers' class of each part (as
-    diffusers' StableDiffusionPipeline.save_pretrained does). Returns its path."""
+def write_model_index(folder: str | Path, scheduler: DDIMScheduler,
+                      guidance_scale: float) -> Path:
+    """Write `model_index.json`: diffusers' / transformers' class of each part (as diffusers'
+    StableDiffusionPipeline.save_pretrained does) and `_sampling_defaults` (guidance_scale,
+    num_inference_steps), which minisd's pipeline reads and diffusers ignores (a key that
+    starts with "_"). Returns its path."""
     index = {"_class_name": "StableDiffusionPipeline",
+             "_sampling_defaults": {"guidance_scale": guidance_scale,
+                                    "num_inference_steps": NUM_INFERENCE_STEPS},
              **{part: list(library) for part, library in LIBRARIES.items()},
-             "scheduler": ["diffusers", scheduler_class],
+             "scheduler": ["diffusers", type(scheduler).__name__],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
     path = Path(folder) / MODEL_INDEX
@@ -262,145 +391,63 @@ def save_loss_curve(losses: list[float], path: str | Path, title: str = "U-Net")
     return Path(path)
 
 
-def train_unet(config: TrainConfig, model: str | Path = BUNDLED_FOLDER,
-               output: str | Path | None = BUNDLED_FOLDER,
-               block_out_channels: tuple[int, ...] = (24, 48, 48),
-               attention_head_dim: tuple[int, ...] = (1, 2, 2), train_samples: int = 20_000,
-               cache_dir: str | Path | None = "runs/unet-cache",
-               uncond_prob: float = UNCOND_PROB,
-               save_dtype: torch.dtype = torch.float16) -> UNet2DConditionModel | None:
-    """Train the U-Net on the frozen parts of `model` and write it into `output`.
+@dataclass
+class UNetTrainResult:
+    """What `train_unet` returns on rank 0: the trained U-Net (the EMA weights when
+    `ema_decay` is set; float32, eval mode, on the training device; the saved file holds it
+    in `save_dtype`), the loop's per-step history, and the minutes spent encoding and
+    training."""
 
-    Args:
-        config: the loop's settings (`DEFAULTS` for the bundled model).
-        model: the folder with vae/, text_encoder/ and tokenizer/.
-        output: the model folder to write unet/, scheduler/, model_index.json and
-            unet_loss.png into (None: write nothing).
-        block_out_channels, attention_head_dim: the architecture, `bundled_unet_config`
-            with the text encoder's width as cross_attention_dim.
-        train_samples: the first this many pictures of the train split are encoded (once,
-            cached in `cache_dir`) and trained on.
-        uncond_prob: caption dropout for classifier-free guidance.
-        save_dtype: dtype of the saved weights.
-    Returns:
-        on rank 0 the trained U-Net (EMA weights when config.ema_decay is set), float32 on
-        the training device (the saved file holds it in `save_dtype`); None on the other ranks of a torchrun run.
-    Raises:
-        FileNotFoundError when the VAE or text encoder is missing; ValueError as `train`.
+    unet: UNet2DConditionModel
+    history: dict[str, list[float]]
+    encode_minutes: float
+    train_minutes: float
+
+
+def train_unet(config: UNetTrainConfig) -> UNetTrainResult | None:
+    """Train the U-Net on the frozen parts of `config.model` (default `config.output`) and
+    write unet/, scheduler/, model_index.json and unet_loss.png into `config.output` (module
+    docstring). Writes nothing to stdout (`run` prints).
+
+    Returns a UNetTrainResult on rank 0; None on the other ranks of a torchrun run.
+    Raises FileNotFoundError when the VAE or text encoder is missing; ValueError as `train`.
     """
     start = time.perf_counter()
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    latents, context, empty = cached_encoding(model, train_samples, config.seed, cache_dir,
-                                              device, config.progress)
+    latents, context, empty = cached_encoding(
+        config.model or config.output, config.train_samples, config.seed,
+        config.two_object_fraction, config.cache_dir, device, config.progress)
     torch.manual_seed(config.seed)
-    unet = UNet2DConditionModel(bundled_unet_config(context.shape[-1], block_out_channels,
-                                                    attention_head_dim,
-                                                    sample_size=latents.shape[-1]))
-    loss_fn = noise_prediction_loss(NoiseSchedule(**SD_V1_SCHEDULE), empty, uncond_prob)
+    unet = UNet2DConditionModel(unet_config(config, context.shape[-1], latents.shape[-1]))
+    loss_fn = LOSSES[config.prediction_type](NoiseSchedule(**config.noise_schedule()),
+                                             empty, config.uncond_prob)
     encoded = time.perf_counter()
     result = train(unet, loss_fn, TensorDataset(latents, context), config)
     if init_distributed().rank != 0:
         return None
     unet = (result.ema_model or result.model).eval()
-    if config.progress:
-        last = result.history["loss"][-200:]
-        print(f"unet: {result.step} steps, {sum(p.numel() for p in unet.parameters()):,} "
-              f"parameters; encoding {(encoded - start) / 60:.1f} min, training "
-              f"{(time.perf_counter() - encoded) / 60:.1f} min; mean loss of the last "
-              f"{len(last)} steps {sum(last) / len(last):.4f}")
-    if output is not None:
-        output = Path(output)
-        copy.deepcopy(unet).to(save_dtype).save_pretrained(output / "unet")
-        bundled_scheduler().save_pretrained(output / "scheduler")
-        write_model_index(output)
+    if config.output is not None:
+        output = Path(config.output)
+        copy.deepcopy(unet).to(getattr(torch, config.save_dtype)).save_pretrained(output / "unet")
+        scheduler = sampling_scheduler(config)
+        scheduler.save_pretrained(output / "scheduler")
+        write_model_index(output, scheduler, config.guidance_scale)
         save_loss_curve(result.history["loss"], output / "unet_loss.png")
-        if config.progress:
-            print(f"saved {output / 'unet'} ({save_dtype}), scheduler/, {MODEL_INDEX}; "
-                  f"evaluate with: python -m minisd.shapes.evaluate --model {output}")
-    return unet
+    return UNetTrainResult(unet, result.history, (encoded - start) / 60,
+                           (time.perf_counter() - encoded) / 60)
 
 
-DEFAULTS = TrainConfig(steps=3600, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
-                       schedule="cosine", weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
-                       out_dir="runs/unet", checkpoint_every=500, name="unet")
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(BUNDLED_FOLDER),
-                        help="model folder with the trained vae/, text_encoder/, tokenizer/")
-    parser.add_argument("--output", default=str(BUNDLED_FOLDER),
-                        help="model folder to write unet/, scheduler/, model_index.json into "
-                             "('none': do not save)")
-    parser.add_argument("--block-out-channels", type=int, nargs="+", default=[24, 48, 48],
-                        help="U-Net channels per level (16×16, 8×8, 4×4 latents)")
-    parser.add_argument("--heads", type=int, nargs="+", default=[1, 2, 2],
-                        help="attention heads per level (diffusers' attention_head_dim)")
-    parser.add_argument("--train-samples", type=int, default=20_000,
-                        help="train pictures encoded once and trained on")
-    parser.add_argument("--cache-dir", default="runs/unet-cache",
-                        help="where the encoded training set is cached ('none': no cache)")
-    parser.add_argument("--uncond-prob", type=float, default=UNCOND_PROB,
-                        help="share of captions replaced by the empty prompt")
-    parser.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
-
-
-@register("unet", help="train the bundled U-Net (ε-prediction on the VAE's latents, the frozen "
-                       "text encoder's context, 10%% caption dropout) and write unet/, "
-                       "scheduler/ and model_index.json into data/minisd-shapes",
-          defaults=DEFAULTS, add_arguments=_add_arguments)
-def _run(config: TrainConfig, args: argparse.Namespace) -> UNet2DConditionModel | None:
-    return train_unet(config, args.model, None if args.output.lower() == "none" else args.output,
-                      tuple(args.block_out_channels), tuple(args.heads), args.train_samples,
-                      None if args.cache_dir.lower() == "none" else args.cache_dir,
-                      args.uncond_prob, getattr(torch, args.save_dtype))
-
-
-# ---- the whole bundled model ----
-
-STAGES = ("vae", "clip", "unet")
-# the TrainConfig fields `all` hands to every stage; the others are each stage's own
-SHARED_FIELDS = ("device", "num_workers", "progress", "resume", "seed")
-
-
-def stage_arguments(stage: str, config: TrainConfig, output: str | Path) -> list[str]:
-    """The command line `all` runs `stage` with: its own defaults, the SHARED_FIELDS of
-    `config`, and the folder `output` for every part."""
-    argv = [stage, "--output", str(Path(output) / "vae") if stage == "vae" else str(output),
-            "--seed", str(config.seed), "--num-workers", str(config.num_workers),
-            "--progress" if config.progress else "--no-progress"]
-    if stage == "unet":
-        argv += ["--model", str(output)]
-    if config.device is not None:
-        argv += ["--device", config.device]
-    if config.resume:
-        argv.append("--resume")
-    return argv
-
-
-@register("all", help="train the whole bundled model in order — vae, clip, unet, each with its "
-                      "own defaults — into one diffusers folder; only --device, --num-workers, "
-                      "--progress, --resume and --seed apply to every stage",
-          defaults=TrainConfig(name="all"),
-          add_arguments=lambda parser: parser.add_argument(
-              "--output", default=str(BUNDLED_FOLDER), help="the model folder to write"))
-def _run_all(config: TrainConfig, args: argparse.Namespace) -> None:
-    from minisd.training import clip, vae  # noqa: F401  (they register clip and vae)
-
-    defaults = TrainConfig(name="all")
-    changed = [f.name for f in fields(TrainConfig) if f.name not in SHARED_FIELDS
-               and getattr(config, f.name) != getattr(defaults, f.name)]
-    if changed:
-        options = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise ValueError(f"{options}: `all` runs every stage with its own settings; change them "
-                         f"per stage (python -m minisd.training vae|clip|unet {options} …)")
-    parser = build_parser()
-    start = time.perf_counter()
-    for stage in STAGES:
-        stage_args = parser.parse_args(stage_arguments(stage, config, args.output))
-        stage_start = time.perf_counter()
-        TARGETS[stage].run(config_from_args(stage_args), stage_args)
-        if config.progress and init_distributed().rank == 0:
-            print(f"all: {stage} done in {(time.perf_counter() - stage_start) / 60:.1f} min")
-    if config.progress and init_distributed().rank == 0:
-        print(f"all: the bundled model is in {args.output} "
-              f"({(time.perf_counter() - start) / 60:.1f} min)")
+def run(config: UNetTrainConfig) -> UNetTrainResult | None:
+    """`python -m minisd.training unet`: `train_unet`, then (rank 0) print a summary."""
+    result = train_unet(config)
+    if result is not None:
+        last = result.history["loss"][-200:]
+        print(f"unet: {len(result.history['loss'])} steps, "
+              f"{sum(p.numel() for p in result.unet.parameters()):,} parameters; encoding "
+              f"{result.encode_minutes:.1f} min, training {result.train_minutes:.1f} min; mean "
+              f"loss of the last {len(last)} steps {sum(last) / max(1, len(last)):.4f}")
+        if config.output is not None:
+            print(f"saved {Path(config.output) / 'unet'} ({config.save_dtype}), scheduler/, "
+                  f"{MODEL_INDEX}; evaluate with: python -m minisd.shapes.evaluate "
+                  f"--model {config.output}")
+    return result

@@ -1,9 +1,10 @@
 """The recipe of the bundled VAE: a small AutoencoderKL trained on the shapes world.
 
 `python -m minisd.training vae` trains it with the shared loop (`minisd.training.loop.train`) in two
-phases, then measures and saves it:
+phases, then measures and saves it; every setting is a field of `VAETrainConfig` (and a
+command-line option of the same name):
 
-1. Crops: `config.steps` (`--steps`) steps on random 32×32 crops of the pictures, cut on the latent grid
+1. Crops: `steps` steps on random `crop_size`×`crop_size` crops of the pictures, cut on the latent grid
    (offsets are multiples of f). A crop costs a quarter of a picture, so the VAE sees four
    times as many edges and objects per second; SD's VAE, too, was trained on crops smaller
    than the pictures it encodes.
@@ -14,8 +15,8 @@ phases, then measures and saves it:
    the training set (the U-Net's, the shapes world's train split), so the scaled latents the
    U-Net sees have unit variance (Rombach et al. 2022, §4.3.2; CompVis `ldm`:
    `scale_factor = 1 / z.flatten().std()`).
-4. The VAE is written in diffusers layout (`config.json` + `diffusion_pytorch_model.safetensors`,
-   float16 by default), read back, and evaluated on test pictures: PSNR, and whether the
+4. The VAE is written in diffusers layout into `<output>/vae/` (`config.json` +
+   `diffusion_pytorch_model.safetensors`, float16 by default), read back, and evaluated on test pictures: PSNR, and whether the
    prompt-adherence judge (`minisd.shapes.evaluate`) reads the same attributes from each original and
    its reconstruction.
 
@@ -50,42 +51,115 @@ judge's agreement on clean reconstructions stayed as high (model card). SD's dec
 robustness from a GAN loss and millions of pictures instead.
 """
 
-import argparse
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from minisd.package_data import BUNDLED_MODEL_NAME, data_dir
 from minisd.shapes.evaluate import ATTRIBUTES, score
 from minisd.shapes.world import ALL_PAIRS, Scene, ShapesDataset, render, sample_scene
-from minisd.training.loop import TrainConfig, init_distributed, register, train
+from minisd.training.loop import TrainConfig, init_distributed, train
 from minisd.vae import AutoencoderKL, AutoencoderKLConfig, vae_loss
 
-BUNDLED_FOLDER = data_dir() / BUNDLED_MODEL_NAME
 KL_WEIGHT = 1e-3  # β; SD's VAE used 1e-6 (see minisd.vae.vae_loss and the module docstring)
 OBJECT_WEIGHT = 20.0  # extra weight of the pixels on and around objects (object_mask)
 OBJECT_MARGIN = 2  # pixels around each object that count as the object's (object_mask)
 INITIAL_LOGVAR = -4.0  # added to the encoder's initial log σ²: σ ≈ 0.13 instead of ≈ 1
 
 
-def bundled_vae_config(block_out_channels: tuple[int, ...] = (16, 32, 64),
-                       norm_num_groups: int = 8) -> AutoencoderKLConfig:
-    """The bundled VAE's configuration: 64×64×3 pictures → 16×16×4 latents (f = 4 with three
-    levels), one ResNet block per level (two in the decoder), GroupNorm with 8 groups (the
-    channels are too few for SD's 32). `scaling_factor` is a placeholder until training
-    measures it. Other `block_out_channels` (each divisible by `norm_num_groups`) give other
-    sizes: f = 2^(levels − 1). Raises ValueError as `AutoencoderKLConfig` does."""
-    levels = len(block_out_channels)
+RECONSTRUCTIONS = ("l2", "l1")
+SAVE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    """Everything that decides the VAE's training: the loop's settings (`TrainConfig`, with
+    this recipe's defaults; they drive phase 1, on crops) and the recipe's own, each also a
+    command-line option.
+
+    Raises ValueError naming the field for a value out of range or an unknown choice, and
+    when both phases are skipped.
+    """
+
+    # the loop's settings, with this recipe's defaults (their help is TrainConfig's)
+    steps: int = 2400
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    min_lr: float = 1.5e-4
+    warmup_steps: int = 50
+    grad_clip: float | None = 1000.0
+    out_dir: str | None = "runs/vae"
+    name: str = "vae"
+    # the recipe's own
+    output: str | None = field(default="runs/minisd-shapes", metadata={
+        "help": "model folder to write vae/ into ('none': do not save)"})
+    block_out_channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={
+        "help": "channels per level; the downsampling factor is f = 2^(levels − 1)"})
+    norm_num_groups: int = field(default=8, metadata={
+        "help": "GroupNorm groups (must divide every channel count)"})
+    crop_size: int | None = field(default=32, metadata={
+        "help": "side of the crops of phase 1 (--steps steps; 'none': no crop phase)"})
+    full_steps: int = field(default=600, metadata={
+        "help": "steps of phase 2, on whole pictures (0: none)"})
+    full_lr: float = field(default=5e-4, metadata={
+        "help": "peak learning rate of phase 2 (cosine to a tenth of it)"})
+    full_batch_size: int = field(default=8, metadata={"help": "batch size of phase 2"})
+    kl_weight: float = field(default=KL_WEIGHT, metadata={"help": "β of the KL term"})
+    reconstruction: str = field(default="l2", metadata={
+        "help": "reconstruction error", "choices": RECONSTRUCTIONS})
+    object_weight: float = field(default=OBJECT_WEIGHT, metadata={
+        "help": "extra loss weight of the pixels on and around objects (0: none)"})
+    object_margin: int = field(default=OBJECT_MARGIN, metadata={
+        "help": "pixels around each object that get its weight"})
+    train_samples: int = field(default=100_000, metadata={
+        "help": "pictures of the world to draw from"})
+    scale_samples: int = field(default=4096, metadata={
+        "help": "train-split pictures that estimate the latents' std (the scaling factor)"})
+    eval_samples: int = field(default=500, metadata={
+        "help": "test pictures for PSNR and judge agreement (0: no evaluation)"})
+    save_dtype: str = field(default="float16", metadata={
+        "help": "dtype of the saved weights", "choices": SAVE_DTYPES})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.block_out_channels = tuple(self.block_out_channels)
+        need = self._need
+        need(len(self.block_out_channels) >= 1, "block_out_channels", "at least one level")
+        need(self.norm_num_groups >= 1, "norm_num_groups", "at least 1")
+        need(self.crop_size is None or self.crop_size >= 1, "crop_size", "positive or None")
+        need(self.full_steps >= 0, "full_steps", "non-negative")
+        need(self.crop_size is not None or self.full_steps > 0, "full_steps",
+             "positive when crop_size is None (nothing to train)")
+        need(self.full_lr > 0, "full_lr", "positive")
+        need(self.full_batch_size >= 1, "full_batch_size", "at least 1")
+        need(self.kl_weight >= 0, "kl_weight", "non-negative")
+        need(self.reconstruction in RECONSTRUCTIONS, "reconstruction",
+             f"one of {', '.join(RECONSTRUCTIONS)}")
+        need(self.object_weight >= 0, "object_weight", "non-negative")
+        need(self.object_margin >= 0, "object_margin", "non-negative")
+        need(self.train_samples >= 1, "train_samples", "at least 1")
+        need(self.scale_samples >= 1, "scale_samples", "at least 1")
+        need(self.eval_samples >= 0, "eval_samples", "non-negative")
+        need(self.save_dtype in SAVE_DTYPES, "save_dtype", f"one of {', '.join(SAVE_DTYPES)}")
+
+
+def vae_config(config: VAETrainConfig) -> AutoencoderKLConfig:
+    """The VAE that `config` trains: 64×64×3 pictures → 16×16×4 latents with the default three
+    levels (f = 2^(levels − 1)), one ResNet block per level (two in the decoder), GroupNorm
+    with `norm_num_groups` groups (the channels are too few for SD's 32).
+    `scaling_factor` is a placeholder until training measures it. Raises ValueError as
+    `AutoencoderKLConfig` does (e.g. groups that do not divide the channels)."""
+    levels = len(config.block_out_channels)
     return AutoencoderKLConfig(down_block_types=("DownEncoderBlock2D",) * levels,
                                up_block_types=("UpDecoderBlock2D",) * levels,
-                               block_out_channels=tuple(block_out_channels), layers_per_block=1,
-                               latent_channels=4, norm_num_groups=norm_num_groups,
-                               sample_size=64, scaling_factor=1.0)
+                               block_out_channels=config.block_out_channels,
+                               layers_per_block=1, latent_channels=4,
+                               norm_num_groups=config.norm_num_groups, sample_size=64,
+                               scaling_factor=1.0)
 
 
 def new_vae(config: AutoencoderKLConfig, initial_logvar: float = INITIAL_LOGVAR) -> AutoencoderKL:
@@ -279,106 +353,53 @@ class VAETrainResult:
     evaluation: dict | None
 
 
-def full_picture_config(config: TrainConfig, steps: int, lr: float,
-                        batch_size: int) -> TrainConfig:
-    """The settings of the whole-picture phase: `config` with these steps, peak lr (cosine to
-    lr/10 after a 20-step warm-up), batch size, and checkpoints in `<out_dir>/full`."""
-    return replace(config, steps=steps, lr=lr, min_lr=lr / 10, batch_size=batch_size,
-                   warmup_steps=min(20, steps - 1), schedule="cosine",
+def full_picture_config(config: VAETrainConfig) -> VAETrainConfig:
+    """The settings of the whole-picture phase: `config` with `full_steps` steps, peak lr
+    `full_lr` (cosine to a tenth of it after a 20-step warm-up), `full_batch_size`, and
+    checkpoints in `<out_dir>/full`."""
+    return replace(config, steps=config.full_steps, lr=config.full_lr,
+                   min_lr=config.full_lr / 10, batch_size=config.full_batch_size,
+                   warmup_steps=min(20, config.full_steps - 1), schedule="cosine",
                    out_dir=None if config.out_dir is None else str(Path(config.out_dir) / "full"),
                    name=f"{config.name} (whole pictures)")
 
 
-def train_vae(config: TrainConfig, vae_config: AutoencoderKLConfig | None = None,
-              output: str | Path | None = BUNDLED_FOLDER / "vae", crop_size: int | None = 32,
-              full_steps: int = 600, full_lr: float = 5e-4, full_batch_size: int = 8,
-              kl_weight: float = KL_WEIGHT, reconstruction: str = "l2",
-              object_weight: float = OBJECT_WEIGHT, object_margin: int = OBJECT_MARGIN,
-              train_samples: int = 100_000, scale_samples: int = 4096, eval_samples: int = 500,
-              save_dtype: torch.dtype = torch.float16) -> VAETrainResult | None:
-    """Train a VAE on pictures of the shapes world, set its scaling factor, save and evaluate
-    it (module docstring). Writes nothing to stdout (the command line prints).
+def train_vae(config: VAETrainConfig) -> VAETrainResult | None:
+    """Train a VAE on pictures of the shapes world, set its scaling factor, save it into
+    `<output>/vae/` and evaluate it (module docstring). Writes nothing to stdout (`run`
+    prints).
 
-    Args:
-        config: the crop phase's settings (`DEFAULTS` for the bundled VAE); its seed, device
-            and checkpointing also serve the whole-picture phase (`full_picture_config`).
-        vae_config: the architecture (default `bundled_vae_config()`).
-        output: the `vae/` folder to write, in `save_dtype`; None writes nothing (and
-            evaluates the trained float32 weights).
-        crop_size: side of the crops of phase 1; None skips phase 1.
-        full_steps, full_lr, full_batch_size: phase 2 on whole pictures; 0 steps skips it.
-        kl_weight, reconstruction: β and "l1" | "l2", see `minisd.vae.vae_loss`.
-        object_weight, object_margin: extra weight of the pixels of `object_mask`, grown by
-            `object_margin` pixels (weight 0: the plain loss).
-        train_samples: pictures to draw from (`WorldPictures`).
-        scale_samples: the first this many pictures of the train split estimate σ̂.
-        eval_samples: test pictures for `evaluate_reconstructions` (0: no evaluation).
-        save_dtype: dtype of the saved weights.
-    Returns:
-        a VAETrainResult on rank 0; None on the other ranks of a torchrun run.
-    Raises:
-        ValueError when both phases are skipped, for a crop size that is not a multiple of f
-        or scale_samples < 1, and as `train` does.
+    The loop's settings of `config` drive phase 1 (on `crop_size` crops; skipped when None);
+    phase 2 (`full_steps` on whole pictures; 0 skips it) runs with `full_picture_config`.
+    Without `output` nothing is written and the trained float32 weights are evaluated.
+
+    Returns a VAETrainResult on rank 0; None on the other ranks of a torchrun run.
+    Raises ValueError for a crop size that is not a multiple of f, and as `train` does.
     """
-    if crop_size is None and full_steps == 0:
-        raise ValueError("nothing to train: crop_size is None and full_steps is 0")
-    if scale_samples < 1:
-        raise ValueError(f"scale_samples must be at least 1, got {scale_samples}")
     torch.manual_seed(config.seed)
-    vae = new_vae(vae_config or bundled_vae_config())
-    pictures = WorldPictures(train_samples)
-    loss_fn = vae_loss_fn(kl_weight, reconstruction, object_weight, object_margin)
+    vae = new_vae(vae_config(config))
+    pictures = WorldPictures(config.train_samples)
+    loss_fn = vae_loss_fn(config.kl_weight, config.reconstruction, config.object_weight,
+                          config.object_margin)
     histories = {}
-    if crop_size is not None:
-        crops = RandomCrops(pictures, crop_size, vae.downsampling_factor, seed=config.seed)
+    if config.crop_size is not None:
+        crops = RandomCrops(pictures, config.crop_size, vae.downsampling_factor, seed=config.seed)
         histories["crop"] = train(vae, loss_fn, crops, config).history
-    if full_steps:
-        full = full_picture_config(config, full_steps, full_lr, full_batch_size)
-        histories["full"] = train(vae, loss_fn, pictures, full).history
+    if config.full_steps:
+        histories["full"] = train(vae, loss_fn, pictures, full_picture_config(config)).history
     if init_distributed().rank != 0:
         return None
     vae.eval()
-    scale_pictures = ShapesDataset("train", scale_samples)
+    scale_pictures = ShapesDataset("train", config.scale_samples)
     vae.config.scaling_factor = 1.0 / latent_std(vae, scale_pictures, seed=config.seed)
-    if output is not None:
+    if config.output is not None:
         device = next(vae.parameters()).device
-        vae.to(save_dtype).save_pretrained(output)
-        vae = AutoencoderKL.from_pretrained(output).to(device).eval()
-    evaluation = evaluate_reconstructions(vae, eval_samples) if eval_samples else None
+        folder = Path(config.output) / "vae"
+        vae.to(getattr(torch, config.save_dtype)).save_pretrained(folder)
+        vae = AutoencoderKL.from_pretrained(folder).to(device=device, dtype=torch.float32).eval()
+    evaluation = evaluate_reconstructions(vae, config.eval_samples) if config.eval_samples \
+        else None
     return VAETrainResult(vae, histories.get("crop", {}), histories.get("full", {}), evaluation)
-
-
-DEFAULTS = TrainConfig(steps=2400, batch_size=16, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=50,
-                       schedule="cosine", grad_clip=1000.0, out_dir="runs/vae",
-                       checkpoint_every=500, name="vae")
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default=str(BUNDLED_FOLDER / "vae"),
-                        help="the vae/ folder to write ('none': do not save)")
-    parser.add_argument("--block-out-channels", type=int, nargs="+", default=[16, 32, 64],
-                        help="channels per level; f = 2^(levels - 1)")
-    parser.add_argument("--norm-num-groups", type=int, default=8,
-                        help="GroupNorm groups (must divide every channel count)")
-    parser.add_argument("--crop-size", type=int, default=32,
-                        help="side of the crops of phase 1 (--steps steps); 0: no crop phase")
-    parser.add_argument("--full-steps", type=int, default=600,
-                        help="steps of phase 2, on whole pictures (0: none)")
-    parser.add_argument("--full-lr", type=float, default=5e-4, help="peak lr of phase 2")
-    parser.add_argument("--full-batch-size", type=int, default=8, help="batch size of phase 2")
-    parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT, help="β of the KL term")
-    parser.add_argument("--reconstruction", default="l2", choices=("l1", "l2"))
-    parser.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT,
-                        help="extra loss weight of the pixels on and around objects (0: none)")
-    parser.add_argument("--object-margin", type=int, default=OBJECT_MARGIN,
-                        help="pixels around each object that get its weight")
-    parser.add_argument("--train-samples", type=int, default=100_000,
-                        help="pictures of the world to draw from")
-    parser.add_argument("--scale-samples", type=int, default=4096,
-                        help="train-split pictures that estimate the latents' std")
-    parser.add_argument("--eval-samples", type=int, default=500,
-                        help="test pictures for PSNR and judge agreement (0: skip)")
-    parser.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
 
 
 def _mean_of_last(history: dict, n: int = 50) -> str:
@@ -386,21 +407,10 @@ def _mean_of_last(history: dict, n: int = 50) -> str:
     return ", ".join(f"{k} {sum(history[k][-n:]) / n:.4g}" for k in ("loss", "reconstruction", "kl"))
 
 
-@register("vae", help="train the bundled VAE on the shapes world and write it to "
-                      "data/minisd-shapes/vae (diffusers layout)",
-          defaults=DEFAULTS, add_arguments=_add_arguments)
-def _run(config: TrainConfig, args: argparse.Namespace) -> VAETrainResult | None:
-    output = None if args.output.lower() == "none" else args.output
-    result = train_vae(config, bundled_vae_config(tuple(args.block_out_channels),
-                                                  args.norm_num_groups),
-                       output=output, crop_size=args.crop_size or None,
-                       full_steps=args.full_steps, full_lr=args.full_lr,
-                       full_batch_size=args.full_batch_size, kl_weight=args.kl_weight,
-                       reconstruction=args.reconstruction, object_weight=args.object_weight,
-                       object_margin=args.object_margin,
-                       train_samples=args.train_samples,
-                       scale_samples=args.scale_samples, eval_samples=args.eval_samples,
-                       save_dtype=getattr(torch, args.save_dtype))
+def run(config: VAETrainConfig) -> VAETrainResult | None:
+    """`python -m minisd.training vae`: `train_vae`, then (rank 0) print a summary and the
+    evaluation."""
+    result = train_vae(config)
     if result is not None:
         params = sum(p.numel() for p in result.vae.parameters())
         print(f"vae: {params:,} parameters; scaling_factor {result.vae.config.scaling_factor:.6g}")
@@ -409,8 +419,8 @@ def _run(config: TrainConfig, args: argparse.Namespace) -> VAETrainResult | None
             if history:
                 print(f"  {phase}: {len(history['loss'])} steps; mean of the last 50: "
                       f"{_mean_of_last(history)}")
-        if output is not None:
-            print(f"saved {output} ({args.save_dtype})")
+        if config.output is not None:
+            print(f"saved {Path(config.output) / 'vae'} ({config.save_dtype})")
         if result.evaluation is not None:
             print(format_evaluation(result.evaluation))
     return result
