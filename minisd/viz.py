@@ -11,7 +11,6 @@ JupyterLab output area in a 1280-pixel window), so they are shown at their own s
 readable text; tests/test_viz*.py check that no two of their texts overlap.
 """
 
-import inspect
 import textwrap
 from itertools import pairwise
 
@@ -241,19 +240,6 @@ def interactive(draw, **controls):
     widget = ipywidgets.interactive(redraw, **controls)
     display(widget_bundle(widget, first, list(controls)), raw=True)
     return None
-
-
-def sampling_defaults(pipe) -> dict:
-    """The sampling settings `pipe(prompt)` uses when a call names none: {"num_inference_steps":
-    n, "guidance_scale": s}. They are the model's own (`pipe.sampling_defaults`, from its
-    `model_index.json`) where the pipeline has them, else the defaults of its call, so a
-    notebook written for one bundled model runs unchanged with the next."""
-    own = getattr(pipe, "sampling_defaults", None)
-    if own is not None:
-        return {"num_inference_steps": own.num_inference_steps,
-                "guidance_scale": own.guidance_scale}
-    parameters = inspect.signature(pipe.__call__).parameters
-    return {name: parameters[name].default for name in ("num_inference_steps", "guidance_scale")}
 
 
 def grid_sigmas(scheduler) -> torch.Tensor:
@@ -743,15 +729,17 @@ def draw_prompt_matches(prompt: str, tokenizer, model, pictures: torch.Tensor,
 
 
 def draw_text_to_image(pipe, prompt: str, negative_prompt: str = "",
-                       num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
-                       scheduler: str | None = None, num_previews: int = 4, size: float = 1.5):
+                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                       seed: int = 0, scheduler: str | None = None, num_previews: int = 4,
+                       size: float = 1.5):
     """Generate one picture with `pipe` (a StableDiffusionPipeline) and show it after the
     model's guess of it, x̂_0, at `num_previews` steps spread evenly over the run (from the
     first to the last step), each titled with its timestep t.
 
     Args:
         prompt, negative_prompt, num_inference_steps, guidance_scale, seed: as for the
-            pipeline (CPU noise from `seed`, no progress bar).
+            pipeline (CPU noise from `seed`, no progress bar); steps and guidance None for the
+            model's own (`pipe.sampling_defaults`).
         scheduler: a name of `minisd.schedulers.SCHEDULERS`, or None for the pipeline's own.
         num_previews: x̂_0 panels, ≥ 0 (fewer when there are fewer steps).
     Returns the Figure: the previews, then the picture at twice their size, titled with the
@@ -760,6 +748,10 @@ def draw_text_to_image(pipe, prompt: str, negative_prompt: str = "",
     """
     if num_previews < 0:
         raise ValueError(f"num_previews must be ≥ 0, got {num_previews}")
+    if num_inference_steps is None:
+        num_inference_steps = pipe.sampling_defaults.num_inference_steps
+    if guidance_scale is None:
+        guidance_scale = pipe.sampling_defaults.guidance_scale
     timesteps, guesses, state = [], [], None
     for state in pipe.denoising_steps(prompt, negative_prompt,
                                       num_inference_steps=num_inference_steps,

@@ -215,14 +215,3 @@ def test_draw_autoencoder_counts_the_numbers():
     assert "a picture:\n768 numbers" in texts
     assert "its latent: 64 numbers\n(4 small maps)" in texts
     readable(fig)
-
-
-def test_sampling_defaults_are_the_pipelines():
-    class Pipe:
-        def __call__(self, prompt, num_inference_steps=25, guidance_scale=2.5, seed=None):
-            pass
-
-    assert viz.sampling_defaults(Pipe()) == {"num_inference_steps": 25, "guidance_scale": 2.5}
-    own = Pipe()
-    own.sampling_defaults = SimpleNamespace(guidance_scale=4.0, num_inference_steps=20)
-    assert viz.sampling_defaults(own) == {"num_inference_steps": 20, "guidance_scale": 4.0}
