@@ -13,6 +13,7 @@ installed; no browser is ever downloaded:
     pytest -m browser tests/test_browser.py
 """
 
+import json
 import os
 import re
 import secrets
@@ -153,10 +154,13 @@ def test_notebook_opens_runs_and_every_control_redraws(lab, browser, path):
         " return w?.context?.path === name && w.sessionContext?.session?.kernel?.status === 'idle' }",
         path.name), 120, "the notebook and its kernel")
 
-    # As opened: unchanged, and a picture wherever a widget will be.
+    # As opened: unchanged, every stored figure shown (a widget's too), no widget repr.
     assert page.locator(".jp-mod-dirty").count() == 0, "opening the notebook changed it"
     stored = page.locator(".jp-OutputArea-output").all_inner_texts()
     assert not [t for t in stored if re.search(r"interactive\(children=|IntSlider\(", t)]
+    figures = sum("image/png" in output.get("data", {}) for cell in json.loads(path.read_text())["cells"]
+                  for output in cell.get("outputs", []))
+    assert page.locator(".jp-OutputArea-output img").count() == figures
 
     # Run every cell.
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
