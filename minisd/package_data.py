@@ -6,6 +6,8 @@ installed as the package `minisd.data` (pyproject.toml maps it), so a wheel carr
 for a path instead of building one:
 
 - `bundled_model()`: the course's own text-to-image model, a diffusers folder;
+- `course_unet()`: chapter 4's small U-Net, the bundled recipe trained for longer than the
+  chapter's live run;
 - `openai_vocab()`: OpenAI's CLIP byte-pair merges (SD v1's tokenizer);
 - `sample_image(name)`: the sample photographs by name (`SAMPLE_IMAGES`).
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 SAMPLE_IMAGES = {"astronaut": "astronaut.jpg", "cat": "cat.jpg", "coffee": "coffee.jpg",
                  "rocket": "rocket.jpg"}
 BUNDLED_MODEL_NAME = "minisd-shapes"
+COURSE_UNET_NAME = "course/unet-small-2000steps"
 OPENAI_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -38,6 +41,19 @@ def bundled_model() -> Path:
     tokenizer/, scheduler/). Raises FileNotFoundError if it is not installed."""
     return _existing(data_dir() / BUNDLED_MODEL_NAME / "model_index.json", "the bundled model",
                      "train it with `python -m minisd.training all`, or ").parent
+
+
+def course_unet() -> Path:
+    """The folder of chapter 4's stored checkpoint: the bundled U-Net's recipe
+    (`minisd.training.unet`: v-prediction on SD v1's schedule rescaled to zero terminal SNR)
+    at a small size, 16, 32, 32 channels, trained for 2,000 steps of 16 on the bundled VAE's
+    latents and text encoder's context (data/README.md has the command). It holds `unet/`
+    (config.json and float16 diffusion_pytorch_model.safetensors, latents (B, 4, 16, 16),
+    context (B, 77, 128)): `UNet2DConditionModel.from_pretrained(course_unet(),
+    subfolder="unet")`; it samples with the bundled model's VAE, tokenizer and text encoder and
+    `minisd.training.unet.sampling_scheduler`. Raises FileNotFoundError if it is not installed."""
+    return _existing(data_dir() / COURSE_UNET_NAME / "unet" / "config.json",
+                     "chapter 4's small U-Net").parent.parent
 
 
 def openai_vocab() -> Path:

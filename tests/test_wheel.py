@@ -75,6 +75,7 @@ def test_wheel_is_small_and_carries_the_package_data(installed):
     for needed in ("minisd/data/bpe_simple_vocab_16e6.txt.gz", "minisd/data/cat.jpg",
                    "minisd/data/minisd-shapes/model_index.json",
                    "minisd/data/minisd-shapes/unet/diffusion_pytorch_model.safetensors",
+                   "minisd/data/course/unet-small-2000steps/unet/diffusion_pytorch_model.safetensors",
                    "minisd/shapes/world.py", "minisd/training/loop.py"):
         assert needed in names, needed
 
