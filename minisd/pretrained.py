@@ -39,8 +39,24 @@ from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from minisd.state_dict import load_strict, read_state_dict
+
+
+class SkipInitialisation(TorchFunctionMode):
+    """Inside it, `torch.nn.init`'s functions and the in-place random fills return their
+    tensor untouched. A model built on the `meta` device only to adopt loaded weights needs no
+    initial values, and on `meta` some initialisers run Python kernels whose first call
+    imports `torch._dynamo` (seconds on a 2-core machine, more than the rest of a load)."""
+
+    FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_,
+                       torch.Tensor.fill_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 CONFIG_NAME = "config.json"
 
@@ -281,7 +297,7 @@ class PretrainedModel:
                         torch_dtype: torch.dtype | None = None):
         """A model built on the `meta` device (no memory, no init) that adopts `state_dict`
         (`load_weights`), in `torch_dtype` (None: float32) and eval mode."""
-        with torch.device("meta"):
+        with torch.device("meta"), SkipInitialisation():
             model = cls(config)
         model.load_weights(state_dict, source, file_name, assign=True)
         return model.to(check_dtype(torch_dtype)).eval()

@@ -192,6 +192,7 @@ def test_option_mistakes_take_one_line(tmp_path, capsys):
             (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
             (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
             (["--n", "0"], "--n must be at least 1, got 0"),
+            (["--threads", "0"], "--threads must be at least 1, got 0"),
             (["--height", "0"], "--height must be a positive number of pixels, got 0"),
             (["-o", "picture.jpg"], "-o/--output must be a .png file"),
             (["--device", "tpu"], "--device must be cpu, cuda (or cuda:N) or mps"),
@@ -202,6 +203,16 @@ def test_option_mistakes_take_one_line(tmp_path, capsys):
 
 
 # ---- what it draws
+
+
+def test_draws_with_the_threads_it_is_given(model, tmp_path, monkeypatch):
+    """One thread unless told otherwise (torch's own default is one per core)."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    for options in ([], ["--threads", "2"]):
+        assert main(["a red circle", "-o", str(tmp_path / "x.png"), "--model", str(model),
+                     "--num-inference-steps", "1", "--seed", "0", *options]) == 0
+    assert calls == [1, 2]
 
 
 def test_writes_pngs_with_their_settings(model, tmp_path, capsys):

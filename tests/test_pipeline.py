@@ -342,3 +342,25 @@ def test_runs_under_inference_mode(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")    # a plain run raises no warning
         pipe("a red circle", num_inference_steps=2, seed=0, progress=False)
+
+
+def test_diffusers_draws_the_bundled_model_as_minisd_does():
+    """The bundled folder loads in diffusers' own StableDiffusionPipeline (zero-SNR DDIM,
+    trailing grid, v-prediction from its scheduler config) and, given float32 (diffusers keeps
+    the stored float16 otherwise) and the model's sampling defaults (which diffusers does not
+    read), draws the same pictures as minisd."""
+    folder = package_data.bundled_model()
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.scheduler).__name__ == "DDIMScheduler"
+    assert ref.scheduler.config.rescale_betas_zero_snr
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    defaults = ours.sampling_defaults
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {"num_inference_steps": defaults.num_inference_steps,
+              "guidance_scale": defaults.guidance_scale, "latents": noise, "output_type": "pt"}
+    prompts = ["a yellow triangle on a black background", "a red square left of a blue circle"]
+    expected = ref(prompts, **kwargs).images
+    drawn = ours(prompts, progress=False, **kwargs).images
+    torch.testing.assert_close(drawn, expected, atol=1e-3, rtol=0)

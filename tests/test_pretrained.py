@@ -4,7 +4,10 @@ and the key, and come back in eval mode. Config files as users have them: not JS
 type or an impossible value are refused when loading, not later at decode time."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -249,3 +252,20 @@ def test_a_tokenizer_config_of_the_wrong_kind_names_the_file_and_the_key(model_f
     path.write_text(json.dumps({**settings, "pad_token": 0}))
     with pytest.raises(ValueError, match=rf"{path}: pad_token must be a token string, got 0"):
         CLIPTokenizer.from_pretrained(folder)
+
+
+def test_loading_skips_the_initialisation_it_would_overwrite():
+    """A model is built on `meta` with the initialisers skipped, then adopts the file's
+    weights: in a fresh process, loading the bundled pipeline never imports torch._dynamo (which
+    meta's Python initialisers pull in, seconds on a small machine), and the weights are the
+    file's."""
+    code = ("import sys; from minisd import StableDiffusionPipeline, package_data; "
+            "from safetensors.torch import load_file; "
+            "pipe = StableDiffusionPipeline.from_pretrained(); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'; "
+            "stored = load_file(package_data.bundled_model() / 'unet' / "
+            "'diffusion_pytorch_model.safetensors'); "
+            "assert all((pipe.unet.state_dict()[k] == v.float()).all() for k, v in stored.items())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
