@@ -133,6 +133,7 @@ def test_draw_functions(tiny):
     assert "mean of 3 steps" in viz.draw_cross_attention(maps, token=2).axes[1].get_title()
     with pytest.raises(IndexError, match="step 3 out of range"):
         viz.draw_cross_attention(maps, token=1, step=3)
+    matplotlib.pyplot.close("all")   # the figures drawn here are not left open for later tests
 
 
 def test_colour_peak_rate_counts_hits_misses_and_skips(monkeypatch):
