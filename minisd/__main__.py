@@ -12,9 +12,10 @@ The options carry the API's names (`--num-inference-steps`, `--guidance-scale`,
 (`StableDiffusionPipeline.sampling_defaults`).
 
 Every PNG carries what made it in its text chunks (prompt, negative_prompt, seed,
-num_inference_steps, guidance_scale, scheduler, timestep_spacing, model, size, and image and
-strength for img2img): `PIL.Image.open(path).text` reads them back. Picture i of --n uses
-seed + i, so `--seed <its seed>` alone reproduces it; without --seed the seed drawn is printed.
+num_inference_steps, guidance_scale, scheduler, timestep_spacing, model, device, dtype, size,
+and image and strength for img2img): `PIL.Image.open(path).text` reads them back. Picture i
+of --n uses seed + i, so `--seed <its seed>` alone reproduces it at the same --dtype (the
+noise is drawn in the model's dtype); without --seed the seed drawn is printed.
 
 No mistake costs work: the output, the prompt, the picture, the sizes, the step count and the
 memory a run needs are all checked before any drawing starts, and a problem ends with one line
@@ -272,9 +273,11 @@ def check_with_model(pipe: StableDiffusionPipeline, args: argparse.Namespace, sc
                           f"factor); use --{name} {nearest_multiples(value, f)}")
     if picture is not None and (picture.shape[1] % f or picture.shape[2] % f):
         h, w = (max(f, round(side / f) * f) for side in picture.shape[1:])
+        native = pipe.unet.config.sample_size * f
         raise Refusal(f"--image is {picture.shape[2]}×{picture.shape[1]} pixels (width×height); "
                       f"both must be multiples of {f} (the model's VAE factor): add --height "
-                      f"{h} --width {w} to resize it")
+                      f"{native} --width {native} to resize it to the size the model was "
+                      f"trained at, or --height {h} --width {w} to keep its size")
     try:
         pipe.check_inputs(args.prompt, args.negative_prompt, args.height, args.width, steps,
                           guidance, args.n, scheduler=scheduler, image=picture,
@@ -316,13 +319,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def save(images, args: argparse.Namespace, seed: int, steps: int, guidance: float,
-         scheduler) -> None:
-    """Write the PNGs, each with the settings that reproduce it, and print their paths."""
+         scheduler, pipe: StableDiffusionPipeline) -> None:
+    """Write the PNGs, each with the settings that reproduce it (the seed's noise depends on
+    the dtype too), and print their paths."""
     model = args.model or "minisd-shapes (bundled)"
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
                 "num_inference_steps": steps, "guidance_scale": guidance,
                 "scheduler": scheduler_name(scheduler),
-                "timestep_spacing": scheduler.config.timestep_spacing, "model": model}
+                "timestep_spacing": scheduler.config.timestep_spacing, "model": model,
+                "device": pipe.device.type, "dtype": str(pipe.dtype).removeprefix("torch.")}
     if args.image is not None:
         settings |= {"image": args.image, "strength": args.strength}
     for i, (image, path) in enumerate(zip(images, output_paths(args.output, args.n),
@@ -357,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
                   width=args.width, num_inference_steps=steps, guidance_scale=guidance,
                   num_images_per_prompt=args.n, generator=generators, scheduler=scheduler,
                   image=picture, strength=args.strength).images
-    save(images, args, seed, steps, guidance, scheduler or pipe.scheduler)
+    save(images, args, seed, steps, guidance, scheduler or pipe.scheduler, pipe)
     return 0
 
 

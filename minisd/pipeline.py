@@ -333,7 +333,7 @@ class StableDiffusionPipeline:
                         guidance_scale: float | None = None, num_images_per_prompt: int = 1,
                         generator=None, seed: int | None = None,
                         scheduler: str | Scheduler | None = None, image=None,
-                        strength: float = DEFAULT_STRENGTH, latents: torch.Tensor | None = None,
+                        strength: float | None = None, latents: torch.Tensor | None = None,
                         progress: bool = True) -> Iterator[StepState]:
         """The denoising loop as a generator: yields a `StepState` after every step.
 
@@ -371,7 +371,7 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
                  scheduler: str | Scheduler | None = None, output_type: str = "pil",
                  progress: bool = True, callback: Callable[[StepState], None] | None = None,
-                 image=None, strength: float = DEFAULT_STRENGTH,
+                 image=None, strength: float | None = None,
                  latents: torch.Tensor | None = None) -> PipelineOutput:
         """Generate pictures from prompts.
 
@@ -403,7 +403,8 @@ class StableDiffusionPipeline:
             image: img2img's starting picture: a PIL image (any mode, see minisd.images), a
                 list of them, or a tensor (3, H, W) or (1 or P, 3, H, W) with values in
                 [−1, 1] (as minisd.images.load_image returns); H, W multiples of 8.
-            strength: with `image`, in [0, 1]: the last int(n·strength) steps of the n-step
+            strength: with `image`, in [0, 1] (None: 0.8, diffusers' default; given without
+                an image, a ValueError): the last int(n·strength) steps of the n-step
                 grid run, starting from the picture's latents noised to the first of them
                 (found by its position in the grid); 0 steps give the picture back through
                 the VAE.
@@ -440,7 +441,7 @@ class StableDiffusionPipeline:
     def check_inputs(self, prompt, negative_prompt=None, height=None, width=None,
                      num_inference_steps=None, guidance_scale=None, num_images_per_prompt=1,
                      generator=None, seed=None, scheduler=None, image=None,
-                     strength=DEFAULT_STRENGTH,
+                     strength=None,
                      latents=None, output_type="pil") -> None:
         """Refuse, before any work, every argument that would fail later or do something
         unasked (arguments as in `__call__`; None steps and guidance are the model's).
@@ -451,8 +452,10 @@ class StableDiffusionPipeline:
             and negative-prompt lists of different lengths; a step count below 1 or beyond
             the scheduler's grid (naming the limit and the spacing that allows more); a
             guidance scale that is not finite; num_images_per_prompt < 1; both seed and
-            generator, a seed outside [0, 2**63) or a generator list of the wrong length;
-            height/width not whole multiples of the VAE factor; strength outside [0, 1]; a
+            generator, a seed outside [0, 2**63) or a generator list of the wrong length
+            (TypeError for a generator that is not a torch.Generator);
+            height/width not whole multiples of the VAE factor; strength outside [0, 1] or
+            without an image; a
             0×0 picture, pictures of different sizes or not multiples of the factor, image
             tensors outside [−1, 1], more pictures than prompts; latents of the wrong shape;
             an unknown output_type or scheduler; a run that needs more memory than the
@@ -478,8 +481,12 @@ class StableDiffusionPipeline:
         _check_generator(generator, seed, batch)
         f = self.vae_scale_factor
         if image is None:
+            if strength is not None:
+                raise ValueError(f"strength={strength!r} is for img2img: pass the starting "
+                                 "picture as image= too, or leave strength out")
             height, width = self._size(height, width)
         else:
+            strength = DEFAULT_STRENGTH if strength is None else strength
             if not _finite_number(strength) or not 0 <= strength <= 1:
                 raise ValueError(f"strength must lie in [0, 1] (the fraction of the steps run "
                                  f"on the image), got {strength!r}")
@@ -550,6 +557,7 @@ class StableDiffusionPipeline:
             z = self._noise(shape, latents, generator) * scheduler.init_noise_sigma
         else:
             z = self._image_latents(_image_tensor(image), batch, generator)
+            strength = DEFAULT_STRENGTH if strength is None else strength
             start = num_inference_steps - int(num_inference_steps * strength)
             timesteps = timesteps[start:]
             if len(timesteps):                       # SDEdit: noise the picture to t_start
@@ -657,6 +665,10 @@ def _check_generator(generator, seed, batch: int) -> None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None and not (_whole_number(seed, 0) and seed < 2 ** 63):
         raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got "
+                        f"{generator!r}; for a number, pass seed={generator!r} instead")
     if isinstance(generator, (list, tuple)) and len(generator) not in (1, batch):
         raise ValueError(f"got {len(generator)} generators for a batch of {batch}; pass one "
                          "generator, or one per picture")

@@ -333,5 +333,6 @@ class PretrainedModel:
 
     @classmethod
     def _folder_description(cls) -> str:
-        return (f"a {cls.__name__} folder holds {CONFIG_NAME} and "
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        return (f"{article} {cls.__name__} folder holds {CONFIG_NAME} and "
                 f"{' or '.join(cls.weights_names)}")

@@ -172,8 +172,9 @@ def test_img2img_options_are_checked_before_drawing(model, tmp_path, capsys):
     result = minisd("a red circle", "--model", str(model), "-o", str(tmp_path / "x.png"),
                     "--image", cat, "--strength", "0.5")
     assert_refused(result, "--image is 384×255 pixels (width×height); both must be multiples "
-                           "of 8 (the model's VAE factor): add --height 256 --width 384 to "
-                           "resize it", tmp_path / "x.png")
+                           "of 8 (the model's VAE factor): add --height 64 --width 64 to "
+                           "resize it to the size the model was trained at, or --height 256 "
+                           "--width 384 to keep its size", tmp_path / "x.png")
     (tmp_path / "notes.txt").write_text("not a picture")
     for options, message in [
             (["--image", "no-such-picture.png"], "--image: no sample image or file named"),
@@ -231,8 +232,8 @@ def test_writes_pngs_with_their_settings(model, tmp_path, capsys):
         assert image.text == {"prompt": "a red circle on the left", "negative_prompt": "blue",
                               "num_inference_steps": "3", "guidance_scale": "5.0",
                               "scheduler": "euler", "timestep_spacing": "leading",
-                              "model": str(model), "seed": str(5 + i), "size": "128x64",
-                              "software": "minisd"}
+                              "model": str(model), "device": "cpu", "dtype": "float32",
+                              "seed": str(5 + i), "size": "128x64", "software": "minisd"}
     # picture 1 was made with seed 6: that seed alone reproduces it (the short option names)
     again = tmp_path / "again.png"
     assert main(["a red circle on the left", "-o", str(again), "--model", str(model),

@@ -262,11 +262,18 @@ def test_progress_false_writes_nothing(pipe, capfd):
     ({"guidance_scale": "7"}, "guidance_scale must be a finite number"),
     ({"seed": 2 ** 70}, r"seed must be a whole number in \[0, 2\*\*63\)"),
     ({"seed": 1.5}, "seed must be a whole number"),
+    ({"strength": 0.5}, "strength=0.5 is for img2img: pass the starting picture as image="),
 ])
 def test_bad_input_raises_clear_errors(pipe, kwargs, message):
     kwargs = {"prompt": "a red circle", "num_inference_steps": 2, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize("generator", [0, [torch.Generator(), 1], "seed"])
+def test_a_generator_that_is_not_a_torch_generator_is_refused(pipe, generator):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or a list of them"):
+        pipe("a red circle", generator=generator, num_inference_steps=2, progress=False)
 
 
 @pytest.mark.parametrize("prompt", [None, 123, b"a red circle"])
