@@ -2,11 +2,13 @@
 an explicit table of commands, each built from one settings dataclass, callable from Python."""
 
 import inspect
+import os
 import subprocess
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 import pytest
+import torch
 
 from minisd.training import clip, stages, unet, vae
 from minisd.training.__main__ import (
@@ -122,7 +124,8 @@ def test_every_field_has_a_default_and_help():
 
 
 def test_the_same_entry_runs_from_python_and_as_a_module(tmp_path, capsys):
-    """`main([...])` from Python and `python -m minisd.training` run the same recipe."""
+    """`main([...])` from Python and `python -m minisd.training` run the same recipe (bit for
+    bit with the same number of threads: the subprocess gets this process's)."""
     options = ["vae", "--steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress",
                "--out-dir", "none", "--block-out-channels", "8", "16", "--norm-num-groups", "4",
                "--crop-size", "16", "--full-steps", "1", "--full-batch-size", "4",
@@ -132,7 +135,8 @@ def test_the_same_entry_runs_from_python_and_as_a_module(tmp_path, capsys):
     assert "crops: 2 steps" in capsys.readouterr().out
     run = subprocess.run([sys.executable, "-m", "minisd.training", *options, "--output",
                           str(tmp_path / "module")], capture_output=True, text=True,
-                         timeout=300, check=False)
+                         timeout=300, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert run.returncode == 0, run.stderr
     assert "crops: 2 steps" in run.stdout and "whole pictures: 1 steps" in run.stdout
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
